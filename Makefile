@@ -1,0 +1,35 @@
+# The README's two commands: `make test` and `make demo`. Both create or reuse .venv/ (pinned by
+# constraints.txt) and install the system packages they need when missing; a second run skips every install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.adaltm-installed
+SYSTEM_PACKAGES := espeak-ng sox
+
+.PHONY: setup system-packages test lint demo clean
+
+setup: system-packages $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
+
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/adaltm demo
+
+clean:
+	rm -rf $(VENV) results/demo

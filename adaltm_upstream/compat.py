@@ -1,0 +1,253 @@
+"""Fixes that let s3prl 0.4.18 run on the modern stack without editing its installed files.
+
+Each fix is one function that says what it repairs, checks whether the installed library still needs it
+and does nothing otherwise. `apply_all()` must run before `import s3prl.hub` (the launcher does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Fix:
+    name: str
+    fixes: str
+    apply: Callable[[], bool]  # returns True when something was patched
+
+
+def _torchaudio_set_audio_backend() -> bool:
+    """torchaudio >= 2.9 removed `set_audio_backend`; s3prl calls it at import time (hub.py via byol_s,
+    run_downstream.main). Backends no longer exist, so a no-op is the faithful replacement."""
+    import torchaudio
+
+    if hasattr(torchaudio, "set_audio_backend"):
+        return False
+    torchaudio.set_audio_backend = lambda backend=None: None
+    torchaudio.get_audio_backend = lambda: "soundfile"
+    return True
+
+
+def _torchaudio_sox_effects() -> bool:
+    """torchaudio >= 2.9 removed `torchaudio.sox_effects`; `s3prl.upstream.mos_prediction.expert` imports it at
+    module level, which breaks `import s3prl.hub`. The stand-in imports fine and names the problem if called."""
+    import torchaudio
+
+    try:
+        import torchaudio.sox_effects  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+
+    def unavailable(*_args, **_kwargs):
+        raise RuntimeError("torchaudio.sox_effects was removed in torchaudio 2.9; this s3prl feature needs an "
+                           "older torchaudio")
+
+    module = types.ModuleType("torchaudio.sox_effects")
+    module.apply_effects_tensor = unavailable
+    module.apply_effects_file = unavailable
+    sys.modules["torchaudio.sox_effects"] = module
+    torchaudio.sox_effects = module
+    return True
+
+
+def _torchaudio_load_via_soundfile() -> bool:
+    """torchaudio >= 2.9 decodes through torchcodec + FFmpeg, which are not installed with it; s3prl's runner
+    (`-m inference`) and its datasets call `torchaudio.load`/`torchaudio.info`. soundfile reads the same files."""
+    import torchaudio
+
+    if getattr(torchaudio.load, "_adaltm_soundfile", False):
+        return False
+    try:
+        import torchcodec  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+    from adaltm_upstream import audio
+
+    def load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
+             channels_first: bool = True, **_ignored):
+        wav, sr = audio.read_frames(uri, frame_offset, num_frames)
+        return (wav if channels_first else wav.T), sr
+
+    load._adaltm_soundfile = True
+    torchaudio.load = load
+    torchaudio.info = audio.info
+    return True
+
+
+def _huggingface_hub_removed_names() -> bool:
+    """huggingface_hub 1.0 removed `HfFolder` and `Repository`; s3prl imports both at module level in
+    run_downstream.py and downstream/runner.py. Token storage maps onto the current API; the git-based
+    `Repository` (used only by `--push_to_hf_hub`) gets a stand-in that explains itself when used."""
+    import huggingface_hub
+
+    patched = False
+    if not hasattr(huggingface_hub, "HfFolder"):
+        class HfFolder:
+            @staticmethod
+            def get_token():
+                return huggingface_hub.get_token()
+
+            @staticmethod
+            def save_token(token):
+                huggingface_hub.login(token=token, add_to_git_credential=False)
+
+        huggingface_hub.HfFolder = HfFolder
+        patched = True
+    if not hasattr(huggingface_hub, "Repository"):
+        class Repository:
+            def __init__(self, *_args, **_kwargs):
+                raise RuntimeError("huggingface_hub>=1.0 removed Repository; --push_to_hf_hub is unavailable, "
+                                   "upload the experiment directory with `hf upload` instead")
+
+        huggingface_hub.Repository = Repository
+        patched = True
+    return patched
+
+
+def _weights_only_resume() -> bool:
+    """torch >= 2.6 loads with `weights_only=True`; s3prl's `states-*.ckpt` holds the run's `argparse.Namespace`,
+    so `-e`/`-i` fail. Allow-listing exactly that class keeps untrusted pickle code out."""
+    if not hasattr(torch.serialization, "add_safe_globals"):
+        return False
+    if argparse.Namespace in torch.serialization.get_safe_globals():
+        return False
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return True
+
+
+def atomic_save(obj, path) -> None:
+    """`torch.save` through a temporary file in the same directory and an atomic rename, so an interrupted
+    save never leaves a truncated checkpoint where a good one was."""
+    if not isinstance(path, (str, os.PathLike)):
+        torch.save(obj, path)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_runner_checkpoints() -> bool:
+    """s3prl's runner writes `states-*.ckpt` and `dev-best.ckpt` with a plain `torch.save`; a crash mid-write
+    destroys the previous best checkpoint. Only the runner's own `torch.save` is redirected."""
+    from s3prl.downstream import runner
+
+    if getattr(runner.torch, "_adaltm_atomic", False):
+        return False
+
+    class _TorchWithAtomicSave(types.ModuleType):
+        _adaltm_atomic = True
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    proxy = _TorchWithAtomicSave("torch")
+    proxy.save = atomic_save
+    runner.torch = proxy
+    return True
+
+
+def _ddp_non_leader_step_counter() -> bool:
+    """Under DDP, s3prl's runner `continue`s on ranks > 0 before `pbar.update(1)`, so those ranks never reach
+    `total_steps`: they keep training after rank 0 has finished and die when it exits. Here the non-leader
+    progress bar advances at each `optimizer.zero_grad()` of the training loop, which is exactly where the
+    leader's step ends. On a single process (or rank 0) nothing changes."""
+    from s3prl.downstream import runner
+
+    if getattr(runner.get_optimizer, "_adaltm_counts_steps", False):
+        return False
+    from s3prl.utility.helper import is_leader_process
+
+    make_bar, make_optimizer = runner.tqdm, runner.get_optimizer
+    non_leader_bars: list = []
+
+    class TqdmTrackingOverall(make_bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("desc") == "overall" and not is_leader_process():
+                non_leader_bars[:] = [self]
+
+    def optimizer_counting_steps(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        if not is_leader_process():
+            zero_grad = optimizer.zero_grad
+
+            def zero_grad_and_count(*zargs, **zkwargs):
+                zero_grad(*zargs, **zkwargs)
+                for bar in non_leader_bars:
+                    bar.update(1)
+
+            optimizer.zero_grad = zero_grad_and_count
+        return optimizer
+
+    optimizer_counting_steps._adaltm_counts_steps = True
+    runner.tqdm, runner.get_optimizer = TqdmTrackingOverall, optimizer_counting_steps
+    return True
+
+
+def _ddp_wrapper() -> bool:
+    """s3prl wraps trainable modules in DDP with `device_ids=[local_rank]` (invalid for CPU modules) and the
+    default `broadcast_buffers=True`: buffers are re-sent every forward, and since only rank 0 evaluates,
+    its evaluation forward waits for a broadcast no other rank joins. Buffers hold no trained state here
+    (frozen weights, running scores), so they are not broadcast."""
+    from s3prl.downstream import runner
+
+    if getattr(runner.DDP, "_adaltm_wrapper", False):
+        return False
+    ddp = runner.DDP
+
+    def wrap(module, device_ids=None, **kwargs):
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        kwargs.setdefault("broadcast_buffers", False)
+        return ddp(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+    wrap._adaltm_wrapper = True
+    runner.DDP = wrap
+    return True
+
+
+FIXES: tuple[Fix, ...] = (
+    Fix("torchaudio.set_audio_backend", "import s3prl.hub and run_downstream.main", _torchaudio_set_audio_backend),
+    Fix("torchaudio.sox_effects", "import s3prl.hub (mos_prediction)", _torchaudio_sox_effects),
+    Fix("torchaudio.load", "audio loading without torchcodec/FFmpeg", _torchaudio_load_via_soundfile),
+    Fix("huggingface_hub.HfFolder/Repository", "import run_downstream and runner", _huggingface_hub_removed_names),
+    Fix("torch.load weights_only", "-e/-i resume of states-*.ckpt", _weights_only_resume),
+)
+
+# Needs s3prl's runner importable, so it runs after the fixes above.
+LATE_FIXES: tuple[Fix, ...] = (
+    Fix("atomic checkpoints", "states-*.ckpt written atomically", _atomic_runner_checkpoints),
+    Fix("DDP step counter", "ranks > 0 stop at total_steps", _ddp_non_leader_step_counter),
+    Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
+)
+
+
+def apply_all() -> list[str]:
+    """Apply every fix; returns the names of those that were needed here."""
+    applied = [fix.name for fix in FIXES if fix.apply()]
+    applied += [fix.name for fix in LATE_FIXES if fix.apply()]
+    return applied
+
+
+def allow_cpu_distributed() -> None:
+    """s3prl assumes DDP means CUDA: `main()` calls `torch.cuda.set_device(local_rank)`, which fails for
+    `--device cpu` with the gloo backend. Called by the launcher only when the run is distributed on the CPU."""
+    torch.cuda.set_device = lambda _device: None

@@ -1,0 +1,88 @@
+"""`run_downstream.py` / `adaltm-run-downstream`: s3prl's own CLI, made to work on the modern stack.
+
+The command line is s3prl's; before handing over to `s3prl.run_downstream.main()` the launcher
+  1. applies the compatibility fixes (`compat`) and registers the plugin (`registration`);
+  2. completes the arguments s3prl cannot infer itself (`prepare_argv`): the packaged config of a plugin
+     downstream, `--local_rank` from torchrun's LOCAL_RANK, the gloo backend and `--device cpu` without CUDA,
+     and `-f` for an `adaltm_wavlm` whose λ are trainable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+
+import torch
+
+from adaltm_upstream import compat, registration
+
+
+def _known_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags, dest in ((("-c", "--config"), "config"), (("-d", "--downstream"), "downstream"),
+                        (("-e", "--past_exp"), "past_exp"), (("-u", "--upstream"), "upstream"),
+                        (("-g", "--upstream_model_config"), "upstream_model_config"),
+                        (("-k", "--upstream_ckpt"), "upstream_ckpt"),
+                        (("--device",), "device"), (("--backend",), "backend"),
+                        (("--local_rank",), "local_rank")):
+        parser.add_argument(*flags, dest=dest)
+    parser.add_argument("-f", "--upstream_trainable", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser.parse_known_args(argv)[0]
+
+
+def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The argument list s3prl should see, and one notice line per argument added."""
+    argv = [("--local_rank" + a[len("--local-rank"):]) if a.startswith("--local-rank") else a for a in argv]
+    known = _known_args(argv)
+    notices: list[str] = []
+    if known.help:
+        return argv, notices
+
+    if known.local_rank is None and "LOCAL_RANK" in env:
+        argv += ["--local_rank", env["LOCAL_RANK"]]
+        known.local_rank = env["LOCAL_RANK"]
+    if known.device is None and not torch.cuda.is_available():
+        argv += ["--device", "cpu"]
+        known.device = "cpu"
+        notices.append("no CUDA device found: running with --device cpu")
+    if known.local_rank is not None and known.device == "cpu" and known.backend is None:
+        argv += ["--backend", "gloo"]
+        notices.append("distributed on the CPU: using --backend gloo")
+
+    if known.past_exp is None and known.config is None and known.downstream:
+        config = registration.packaged_config(known.downstream)
+        if config is not None:
+            argv += ["-c", str(config)]
+            notices.append(f"using the packaged config {config}")
+
+    if known.past_exp is None and known.upstream == "adaltm_wavlm" and not known.upstream_trainable:
+        from adaltm_upstream.config import has_trainable_lambdas
+
+        if has_trainable_lambdas(known.upstream_model_config):
+            argv += ["-f"]
+            notices.append("adaltm_wavlm has trainable λ: enabling upstream training (-f); "
+                           "the frozen base and task vectors stay frozen")
+    return argv, notices
+
+
+def is_distributed_cpu(argv: list[str]) -> bool:
+    known = _known_args(argv)
+    return known.local_rank is not None and known.device == "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv, notices = prepare_argv(list(sys.argv[1:] if argv is None else argv), os.environ)
+    for line in notices:
+        print(f"[adaltm] {line}", file=sys.stderr)
+    compat.apply_all()
+    registration.register()
+    if is_distributed_cpu(argv):
+        compat.allow_cpu_distributed()
+
+    from s3prl import run_downstream
+
+    sys.argv = [sys.argv[0]] + argv
+    run_downstream.main()

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny WavLM checkpoints written by the real libraries, and the launcher in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# s3prl's unilm WavLM, shrunk: 2 layers, 64 wide, a 7-layer CNN with 32 channels (same strides as Large).
+TINY_UNILM_CFG = dict(
+    extractor_mode="layer_norm", encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+    encoder_attention_heads=4, conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+    layer_norm_first=True, conv_bias=False, relative_position_embedding=True, num_buckets=320,
+    max_distance=800, gru_rel_pos=True, normalize=True, conv_pos=16, conv_pos_groups=4,
+)
+
+
+def write_unilm_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A `{'cfg', 'model'}` file exactly as microsoft/unilm and s3prl's `wavlm_local` expect."""
+    from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
+
+    cfg = {**TINY_UNILM_CFG, **overrides}
+    torch.manual_seed(seed)
+    model = WavLM(WavLMConfig(cfg))
+    with torch.no_grad():  # make every parameter non-trivial (LayerNorms start at 1/0, grep_a at 1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    torch.save({"cfg": cfg, "model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_unilm(tmp_path_factory) -> Path:
+    return write_unilm_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_wavlm.pt")
+
+
+def launcher_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_launcher(args: list[str], cwd: Path, timeout: int = 300, check: bool = True,
+                 runner: list[str] | None = None) -> subprocess.CompletedProcess:
+    """The real `run_downstream.py`, as a user runs it."""
+    command = (runner or [sys.executable]) + [str(ROOT / "run_downstream.py"), *args]
+    result = subprocess.run(command, cwd=cwd, env=launcher_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launcher failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def example_config(total_steps: int = 4) -> dict:
+    """A config for s3prl's stock `example` downstream (the sdist ships none)."""
+    return {
+        "runner": {"total_steps": total_steps, "gradient_clipping": 1.0, "gradient_accumulate_steps": 1,
+                   "log_step": 2, "eval_step": total_steps, "save_step": 2, "max_keep": 2,
+                   "eval_dataloaders": ["dev"], "evaluate_ratio": 0.02},
+        "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": 1.0e-3},
+        "downstream_expert": {"datarc": {"num_workers": 0, "train_batch_size": 2, "eval_batch_size": 2},
+                              "modelrc": {"input_dim": 16}},
+    }

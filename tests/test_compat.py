@@ -1,0 +1,55 @@
+"""Each compatibility fix does its job and is a no-op once applied."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from adaltm_upstream import compat
+
+
+def test_fixes_are_idempotent():
+    compat.apply_all()
+    assert compat.apply_all() == []
+
+
+def test_torchaudio_load_reads_through_soundfile(tmp_path):
+    compat.apply_all()
+    import torchaudio
+
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, size=(1600, 2)).astype(np.float32)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, samples, 8000, subtype="FLOAT")
+    wav, sr = torchaudio.load(str(path))
+    assert sr == 8000 and wav.shape == (2, 1600)
+    torch.testing.assert_close(wav, torch.from_numpy(samples.T))
+    meta = torchaudio.info(str(path))
+    assert (meta.sample_rate, meta.num_frames, meta.num_channels) == (8000, 1600, 2)
+
+
+def test_hub_shims_and_resume_allow_list():
+    import argparse
+
+    compat.apply_all()
+    import huggingface_hub
+
+    assert hasattr(huggingface_hub, "HfFolder")
+    with pytest.raises(RuntimeError, match="Repository"):
+        huggingface_hub.Repository("x")
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "states-1.ckpt"
+    compat.atomic_save({"x": torch.ones(2)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compat.atomic_save({"x": Unpicklable()}, target)
+    assert torch.load(target, weights_only=True)["x"].sum() == 2  # the good checkpoint survived
+    assert [p.name for p in tmp_path.iterdir()] == ["states-1.ckpt"]
