@@ -1,0 +1,88 @@
+"""The `adaltm` command: parse, validate, dispatch. Errors are one line, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from adaltm_upstream import task_vectors
+from adaltm_upstream.audio import AudioError
+from adaltm_upstream.checkpoints import CheckpointError
+from adaltm_upstream.config import ConfigError
+
+USER_ERRORS = (CheckpointError, task_vectors.TaskVectorError, ConfigError, AudioError)
+
+
+def _extract(args: argparse.Namespace) -> None:
+    tensors, meta = task_vectors.extract(args.base, args.finetuned, dtype=args.dtype)
+    task_vectors.save(args.output, tensors, meta)
+    report = task_vectors.inspect([task_vectors.TaskVector(args.output, tensors, meta)])[0]
+    print(f"wrote {args.output}: {len(tensors)} tensors ({args.dtype}), ‖τ‖ = {report['total_norm']:.4g} "
+          f"({100 * report['relative_norm']:.3g} % of ‖θ_base‖), base {meta['base_format']}, "
+          f"fine-tuned {meta['finetuned_format']}")
+    _warn_zero(report)
+
+
+def _warn_zero(report: dict) -> None:
+    if report["zero"]:
+        print(f"WARNING: {report['file']}: the task vector is ZERO — the fine-tuned backbone equals the base "
+              "(was it frozen during fine-tuning?)", file=sys.stderr)
+    elif report["zero_groups"]:
+        print(f"WARNING: {report['file']}: zero in layer group(s) {report['zero_groups']} "
+              "(those layers were not trained)", file=sys.stderr)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    reports = task_vectors.inspect([task_vectors.load(p) for p in args.vectors])
+    if args.json:
+        print(json.dumps(reports, indent=1))
+    else:
+        for report in reports:
+            print(_format_report(report))
+    for report in reports:
+        _warn_zero(report)
+
+
+def _format_report(report: dict) -> str:
+    peak = max((g["relative_norm"] for g in report["groups"]), default=0.0) or 1.0
+    lines = [f"{report['file']}: ‖τ‖ = {report['total_norm']:.4g} "
+             f"({100 * report['relative_norm']:.3g} % of ‖θ_base‖)",
+             f"{'group':>5} {'‖τ‖':>11} {'‖τ‖/‖θ‖':>10} {'cosine':>7}"]
+    for g in report["groups"]:
+        cosine = f"{g['cosine']:7.3f}" if "cosine" in g else " " * 7
+        bar = "#" * round(30 * g["relative_norm"] / peak)
+        zero = "  ZERO" if g["group"] in report["zero_groups"] else ""
+        lines.append(f"{g['group']:>5} {g['norm']:11.4g} {g['relative_norm']:10.3e} {cosine} {bar}{zero}")
+    ranked = sorted(report["groups"], key=lambda g: g["relative_norm"], reverse=True)[:3]
+    lines.append("largest relative change: groups " + ", ".join(str(g["group"]) for g in ranked))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tv = commands.add_parser("task-vector", help="extract or inspect task vectors")
+    tv_commands = tv.add_subparsers(dest="task_vector_command", required=True)
+    extract = tv_commands.add_parser("extract", help="τ = θ_finetuned − θ_base over the backbone (heads dropped)")
+    extract.add_argument("--base", required=True, help="base checkpoint (any supported format)")
+    extract.add_argument("--finetuned", required=True, help="fine-tuned checkpoint (any supported format)")
+    extract.add_argument("-o", "--output", required=True, help="output .safetensors")
+    extract.add_argument("--dtype", choices=sorted(task_vectors.DTYPES), default="float32",
+                         help="storage dtype (bfloat16 halves the file)")
+    extract.set_defaults(run=_extract)
+    inspect = tv_commands.add_parser("inspect", help="per-group norms, relative norms and cosines")
+    inspect.add_argument("vectors", nargs="+")
+    inspect.add_argument("--json", action="store_true", help="machine-readable report")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        print(f"adaltm: error: {error}", file=sys.stderr)
+        sys.exit(2)
