@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/adaltm demo
