@@ -10,10 +10,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from adaltm_upstream.errors import UserError
+
 SAMPLE_RATE = 16000
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """A file that cannot serve as 16 kHz speech; the message names the file."""
 
 

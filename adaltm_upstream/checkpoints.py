@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import WavLMConfig
 
+from adaltm_upstream.errors import UserError
+
 POS_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
 POS_V = "encoder.pos_conv_embed.conv.parametrizations.weight.original1"
 
@@ -97,7 +99,7 @@ _HEAD_PREFIXES = ("lm_head.", "projector.", "classifier.", "layer_weights", "qua
                   "dominance_layer.", "tdnn.", "feature_extractor.linear", "objective.", "adapter.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint problem; the message is one line naming the file and the problem."""
 
 
@@ -234,7 +236,11 @@ def _hf_config_from_shapes(state: dict[str, torch.Tensor], where: str) -> WavLMC
     )
 
 
-def _torch_load(path: Path) -> object:
+def torch_load(path: str | os.PathLike) -> object:
+    """`torch.load` with `weights_only=True`, allowing only the `argparse.Namespace` that s3prl states hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -249,7 +255,7 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             return load_safetensors(str(path))
         except Exception as error:
             raise CheckpointError(f"{path}: not a readable safetensors file ({str(error)[:200]})") from None
-    state = _torch_load(path)
+    state = torch_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state
@@ -292,7 +298,7 @@ def _hf_normalize(path: Path, config: WavLMConfig) -> bool:
 
 
 def _read_pickle(path: Path) -> Checkpoint:
-    data = _torch_load(path)
+    data = torch_load(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: unknown checkpoint format (top level is {type(data).__name__})")
     if "cfg" in data and "model" in data:

@@ -7,11 +7,7 @@ import json
 import sys
 
 from adaltm_upstream import task_vectors
-from adaltm_upstream.audio import AudioError
-from adaltm_upstream.checkpoints import CheckpointError
-from adaltm_upstream.config import ConfigError
-
-USER_ERRORS = (CheckpointError, task_vectors.TaskVectorError, ConfigError, AudioError)
+from adaltm_upstream.errors import UserError
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -59,6 +55,19 @@ def _format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from adaltm_upstream.export import export
+
+    out = export(args.config, args.states, args.output, args.format)
+    print(f"wrote {out} ({args.format}): merged WavLM weights with the learned λ")
+
+
+def _plot_lambdas(args: argparse.Namespace) -> None:
+    from adaltm_upstream.plotting import plot_lambdas
+
+    print(f"wrote {plot_lambdas(args.expdirs, args.output)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("vectors", nargs="+")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser("export", help="bake learned λ into plain WavLM weights")
+    export.add_argument("-g", "--config", required=True, help="the adaltm_wavlm config (-g) of the run")
+    export.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    export.add_argument("-o", "--output", required=True, help="output directory (hf) or file (s3prl)")
+    export.add_argument("--format", choices=["hf", "s3prl"], required=True,
+                        help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k")
+    export.set_defaults(run=_export)
+
+    plot = commands.add_parser("plot-lambdas", help="λ per layer group, one line per task and run")
+    plot.add_argument("expdirs", nargs="+", help="experiment directories of adaltm_wavlm runs")
+    plot.add_argument("-o", "--output", default="lambdas.png")
+    plot.set_defaults(run=_plot_lambdas)
     return parser
 
 
@@ -83,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"adaltm: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,14 @@ from typing import Any
 
 import yaml
 
+from adaltm_upstream.errors import UserError
+
 GRANULARITIES = ("layerwise", "global", "static")
 HIDDEN_STATES = ("all", "transformer")
 ENCODER_NORM_GROUPS = ("adjacent", "outside")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem; the message is one line naming the file and the field."""
 
 

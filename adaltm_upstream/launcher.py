@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from adaltm_upstream import compat, registration
+from adaltm_upstream.errors import UserError
 
 
 def _known_args(argv: list[str]) -> argparse.Namespace:
@@ -85,4 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     from s3prl import run_downstream
 
     sys.argv = [sys.argv[0]] + argv
-    run_downstream.main()
+    try:
+        run_downstream.main()
+    except UserError as error:
+        print(f"[adaltm] error: {error}", file=sys.stderr)
+        sys.exit(2)

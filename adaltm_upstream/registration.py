@@ -22,7 +22,27 @@ def packaged_config(downstream: str) -> Path | None:
 
 def register() -> None:
     import s3prl.downstream
-    import s3prl.hub  # noqa: F401  (imported for its side effect of building the upstream registry)
+    import s3prl.hub
+    from s3prl.downstream.runner import Runner
 
+    from adaltm_upstream.hubconf import adaltm_wavlm
+
+    s3prl.hub.adaltm_wavlm = adaltm_wavlm
     if str(DOWNSTREAM_DIR) not in s3prl.downstream.__path__:
         s3prl.downstream.__path__.append(str(DOWNSTREAM_DIR))
+    if not getattr(Runner._get_upstream, "_adaltm_hook", False):
+        Runner._get_upstream = _attach_experiment(Runner._get_upstream)
+
+
+def _attach_experiment(get_upstream):
+    """Tell an upstream that asks for it (`attach_experiment`) where the run writes, so it can log there."""
+
+    def wrapped(runner):
+        entry = get_upstream(runner)
+        model = getattr(entry.model, "module", entry.model)
+        if hasattr(model, "attach_experiment"):
+            model.attach_experiment(runner.args.expdir)
+        return entry
+
+    wrapped._adaltm_hook = True
+    return wrapped

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
+from adaltm_upstream.errors import UserError
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"
@@ -32,7 +33,7 @@ _ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "interm
               "conv_kernel", "conv_stride", "do_stable_layer_norm", "feat_extract_norm")
 
 
-class TaskVectorError(ValueError):
+class TaskVectorError(UserError):
     """A task-vector problem; one line naming the file and the problem."""
 
 

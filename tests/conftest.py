@@ -75,3 +75,27 @@ def example_config(total_steps: int = 4) -> dict:
         "downstream_expert": {"datarc": {"num_workers": 0, "train_batch_size": 2, "eval_batch_size": 2},
                               "modelrc": {"input_dim": 16}},
     }
+
+
+def write_task_vector(base_path: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
+    """A genuine τ file: a perturbed copy of the base saved as a checkpoint, then `extract`."""
+    from adaltm_upstream import task_vectors
+    from adaltm_upstream.checkpoints import load_checkpoint
+    from tests.formats import write_hf_model
+
+    finetuned = load_checkpoint(base_path)
+    generator = torch.Generator().manual_seed(seed)
+    finetuned.state = {k: v + scale * torch.randn(v.shape, generator=generator) * (v.std() + 0.1)
+                       for k, v in finetuned.state.items()}
+    ft_dir = write_hf_model(finetuned, out.parent / f"{out.stem}_model")
+    tensors, meta = task_vectors.extract(base_path, ft_dir)
+    task_vectors.save(out, tensors, meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def merge_setup(tmp_path_factory, tiny_unilm):
+    """A base and two task vectors (asr, ser) extracted from it."""
+    root = tmp_path_factory.mktemp("vectors")
+    return {"base": tiny_unilm, "asr": write_task_vector(tiny_unilm, root / "asr.safetensors", seed=1),
+            "ser": write_task_vector(tiny_unilm, root / "ser.safetensors", seed=2)}

@@ -1,0 +1,56 @@
+"""Figures: λ per layer group (the paper's Figures 2/3), read from experiment checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaltm_upstream.checkpoints import torch_load
+from adaltm_upstream.errors import UserError
+
+
+def selected_checkpoint(expdir: str | Path) -> Path:
+    """The model a run selected (`dev-best.ckpt`), else its latest `states-N.ckpt`."""
+    expdir = Path(expdir)
+    best = expdir / "dev-best.ckpt"
+    if best.is_file():
+        return best
+    states = sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not states:
+        raise UserError(f"{expdir}: no dev-best.ckpt or states-*.ckpt in this experiment directory")
+    return states[-1]
+
+
+def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]]]:
+    """(tasks, λ as groups × tasks) of an adaltm_wavlm run."""
+    path = selected_checkpoint(expdir)
+    upstream = torch_load(path).get("Upstream") or {}
+    if "lambdas" not in upstream:
+        raise UserError(f"{path}: no learned λ (not an adaltm_wavlm run with trainable λ)")
+    return list(upstream["tasks"]), upstream["lambdas"].tolist()
+
+
+def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, expdir in enumerate(expdirs):
+        tasks, lambdas = read_lambdas(expdir)
+        run = labels[i] if labels else Path(expdir).name
+        groups = list(range(len(lambdas)))
+        for t, task in enumerate(tasks):
+            ax.plot(groups, [row[t] for row in lambdas], marker="o", markersize=3, label=f"{run}: λ_{task}")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("layer group (0 = CNN + positional conv, l = transformer layer l)")
+    ax.set_ylabel("λ")
+    ax.set_title("Learned merging coefficients per layer")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
