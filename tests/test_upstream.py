@@ -86,7 +86,8 @@ def test_granularities_and_trainable_parameters(merge_setup):
     assert shapes == {"layerwise": [(3, 2)], "global": [(1, 2)], "static": []}
     single = make(merge_setup, tasks=("ser",))
     assert single.lambdas().shape == (3, 1)
-    frozen0 = adaltm_wavlm(model_config={"base": str(merge_setup["base"]), "task_vectors": {"asr": str(merge_setup["asr"])},
+    frozen0 = adaltm_wavlm(model_config={"base": str(merge_setup["base"]),
+                                         "task_vectors": {"asr": str(merge_setup["asr"])},
                                          "speed": {"freeze_group0": True}})
     assert [tuple(p.shape) for p in frozen0.parameters() if p.requires_grad] == [(2, 1)]
 
