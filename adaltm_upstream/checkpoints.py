@@ -324,12 +324,31 @@ def _read_pickle(path: Path) -> Checkpoint:
             config = _hf_config_from_shapes(canonical, str(path))
             return Checkpoint(str(path), "s3prl-states", config, config.feat_extract_norm == "layer",
                               canonical, dropped)
-        raise CheckpointError(f"{path}: s3prl states whose upstream is not s3prl's wavlm "
-                              "(expected model.encoder.* keys)")
+        if any(k.startswith("weights.encoder.") for k in upstream):
+            return _adaltm_trained_weights(path, upstream, data.get("Args"))
+        if "lambdas" in upstream:
+            raise CheckpointError(f"{path}: adaltm_wavlm states hold λ, not weights; export the merged model "
+                                  "with `adaltm export` first")
+        raise CheckpointError(f"{path}: s3prl states whose upstream is neither s3prl's wavlm nor adaltm_wavlm "
+                              "(expected model.encoder.* or weights.encoder.* keys)")
     if all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: a bare state dict carries no model config; use the model directory "
                               "(config.json beside the weights)")
     raise CheckpointError(f"{path}: unknown checkpoint format (keys: {', '.join(sorted(map(str, data))[:6])})")
+
+
+def _adaltm_trained_weights(path: Path, upstream: dict, args) -> Checkpoint:
+    """States of `adaltm_wavlm` with `merge.train_merged_weights` (MTL static init): canonical weights under
+    `weights.`; the architecture comes from the run's `-g` config's base, else from the shapes."""
+    canonical = {k[len("weights."):]: v for k, v in upstream.items() if k.startswith("weights.")}
+    config_path = getattr(args, "upstream_model_config", None)
+    if config_path and os.path.isfile(config_path):
+        from adaltm_upstream.config import load as load_config
+
+        base = load_checkpoint(load_config(config_path, base_override=getattr(args, "upstream_ckpt", None)).base)
+        return Checkpoint(str(path), "adaltm-states", base.config, base.normalize, canonical)
+    config = _hf_config_from_shapes(canonical, str(path))
+    return Checkpoint(str(path), "adaltm-states", config, config.feat_extract_norm == "layer", canonical)
 
 
 def _validate(ckpt: Checkpoint) -> Checkpoint:

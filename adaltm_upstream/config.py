@@ -176,12 +176,17 @@ def load(path: str | os.PathLike, base_override: str | None = None) -> UpstreamC
     return from_dict(data, source=str(path), base_override=base_override, relative_to=path.parent.resolve())
 
 
-def has_trainable_lambdas(path: str | None) -> bool:
-    """For the launcher: does this `-g` file need `-f`? A missing or broken file is reported later, by the
-    upstream itself, so here it simply counts as 'no'."""
+def upstream_training_reason(path: str | None) -> str | None:
+    """For the launcher: why this `-g` file needs `-f`, or None. A missing or broken file is reported later,
+    by the upstream itself, so here it simply counts as 'no'."""
     if not path:
-        return False
+        return None
     try:
-        return load(path, base_override="-").trains_upstream
+        config = load(path, base_override="-")
     except ConfigError:
-        return False
+        return None
+    if config.merge.train_merged_weights:
+        return "adaltm_wavlm trains the merged weights (merge.train_merged_weights)"
+    if config.trains_upstream:
+        return f"adaltm_wavlm has trainable λ ({config.merge.granularity}); base and task vectors stay frozen"
+    return None

@@ -9,7 +9,9 @@ What s3prl sees of it:
 - `state_dict()`: λ, the task names, the granularity and a fingerprint of base + vectors — never the frozen
   tensors; `load_state_dict` refuses states whose fingerprint differs from the config's;
 - `train()`: the backbone stays in eval mode (frozen-backbone semantics: no dropout while λ trains), unless
-  `merge.train_merged_weights` turns the merged weights into ordinary trainable parameters (MTL baseline).
+  `merge.train_merged_weights` turns the merged weights into ordinary trainable parameters (MTL baseline
+  "static init"); its checkpoints then also carry every backbone weight as `weights.<canonical name>` (a full
+  model, ~1.3 GB for WavLM-Large, which `adaltm task-vector extract --finetuned` reads).
 """
 
 from __future__ import annotations
@@ -64,10 +66,14 @@ class AdaLTMUpstream(nn.Module):
             frozen_groups=frozenset({0}) if config.speed.freeze_group0 else frozenset(),
             vector_dtype=VECTOR_DTYPES[config.speed.vector_dtype],
         )
-        self._tie_backbone_to_base()
-        frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
-        frozen += [n for n, _ in self.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
+        self.trains_weights = config.merge.train_merged_weights
+        if self.trains_weights:
+            self._become_trainable_weights()
+        else:
+            self._tie_backbone_to_base()
+            frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
+            frozen += [n for n, _ in self.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.log_step = 0
         self._writer = None
         self._expdir: str | None = None
@@ -77,7 +83,7 @@ class AdaLTMUpstream(nn.Module):
         return math.prod(self.backbone.config.conv_stride)
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
-        params = self.merge() if self.merge.num_tasks else None
+        params = self.merge() if self.merge.num_tasks and not self.trains_weights else None
         states = self.backbone(wavs, params=params).hidden_states
         if self.training and torch.is_grad_enabled():
             self.log_step += 1
@@ -89,7 +95,8 @@ class AdaLTMUpstream(nn.Module):
 
     def train(self, mode: bool = True) -> AdaLTMUpstream:
         super().train(mode)
-        self.backbone.eval()
+        if not self.trains_weights:
+            self.backbone.eval()
         return self
 
     # -- checkpoints: λ and a fingerprint, never the frozen tensors ------------------------------------------
@@ -100,6 +107,9 @@ class AdaLTMUpstream(nn.Module):
         state[f"{prefix}granularity"] = self.config.merge.granularity
         state[f"{prefix}fingerprint"] = self.fingerprint
         state[f"{prefix}log_step"] = self.log_step
+        if self.trains_weights:
+            for name, tensor in self.backbone.model.state_dict(keep_vars=keep_vars).items():
+                state[f"{prefix}weights.{name}"] = tensor if keep_vars else tensor.detach()
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
@@ -110,6 +120,9 @@ class AdaLTMUpstream(nn.Module):
                 f"{self.fingerprint}, tasks {self.tasks})")
         self.merge.set_lambdas(state["lambdas"])
         self.log_step = int(state.get("log_step", 0))
+        if self.trains_weights:
+            weights = {k[len("weights."):]: v for k, v in state.items() if k.startswith("weights.")}
+            self.backbone.model.load_state_dict(weights)
         return nn.modules.module._IncompatibleKeys([], [])
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -120,7 +133,7 @@ class AdaLTMUpstream(nn.Module):
     def merged_state(self) -> dict[str, torch.Tensor]:
         """Canonical merged weights at the current λ (what `adaltm export` writes)."""
         with torch.no_grad():
-            merged = self.merge() if self.merge.num_tasks else {}
+            merged = self.merge() if self.merge.num_tasks and not self.trains_weights else {}
             return {name: merged.get(name, p).detach().clone()
                     for name, p in self.backbone.model.state_dict(keep_vars=True).items()}
 
@@ -141,6 +154,19 @@ class AdaLTMUpstream(nn.Module):
                 self._writer.add_scalar(f"adaltm_lambda/{task}/group_{g:02d}", float(lambdas[g, t]), self.log_step)
         self._writer.flush()
 
+    def _become_trainable_weights(self) -> None:
+        """MTL "static init": start from W_base + Σ λ τ and train every weight; the flat buffers are released."""
+        with torch.no_grad():
+            merged = self.merge() if self.merge.num_tasks else {}
+            for name, param in self.backbone.model.named_parameters():
+                param.data = merged[name].clone() if name in merged else param.data.clone()
+        for g in range(self.merge.num_groups):
+            setattr(self.merge, f"base_{g}", torch.zeros(0))
+            setattr(self.merge, f"tau_{g}", torch.zeros(0, 0))
+        self.merge._cache = None
+        self.merge.requires_grad_(False)
+        self.backbone.requires_grad_(True)
+
     def _tie_backbone_to_base(self) -> None:
         """Point the backbone's (frozen) parameters into the merge's flat base buffers: one copy of the base."""
         model = self.backbone.model
@@ -151,5 +177,6 @@ class AdaLTMUpstream(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self._tie_backbone_to_base()
+        if not self.trains_weights:
+            self._tie_backbone_to_base()
         return self

@@ -60,12 +60,12 @@ def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], li
             notices.append(f"using the packaged config {config}")
 
     if known.past_exp is None and known.upstream == "adaltm_wavlm" and not known.upstream_trainable:
-        from adaltm_upstream.config import has_trainable_lambdas
+        from adaltm_upstream.config import upstream_training_reason
 
-        if has_trainable_lambdas(known.upstream_model_config):
+        reason = upstream_training_reason(known.upstream_model_config)
+        if reason:
             argv += ["-f"]
-            notices.append("adaltm_wavlm has trainable λ: enabling upstream training (-f); "
-                           "the frozen base and task vectors stay frozen")
+            notices.append(f"{reason}: enabling upstream training (-f)")
     return argv, notices
 
 

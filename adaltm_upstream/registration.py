@@ -23,11 +23,15 @@ def packaged_config(downstream: str) -> Path | None:
 def register() -> None:
     import s3prl.downstream
     import s3prl.hub
+    import s3prl.optimizers
     from s3prl.downstream.runner import Runner
 
     from adaltm_upstream.hubconf import adaltm_wavlm
+    from adaltm_upstream.optimizers import S3PRL_OPTIMIZERS
 
     s3prl.hub.adaltm_wavlm = adaltm_wavlm
+    for name, factory in S3PRL_OPTIMIZERS.items():
+        setattr(s3prl.optimizers, f"get_{name}", factory)
     if str(DOWNSTREAM_DIR) not in s3prl.downstream.__path__:
         s3prl.downstream.__path__.append(str(DOWNSTREAM_DIR))
     if not getattr(Runner._get_upstream, "_adaltm_hook", False):

@@ -84,24 +84,3 @@ class EmotionTask(nn.Module):
                                   np.asarray(records["probabilities"]))
         reports.plot_confusion(expdir / f"{split}_confusion.png", metrics["confusion"],
                                f"{split} ({metrics['test_set']}): UAR {metrics['uar']:.3f}")
-
-
-class BestCheckpoint(nn.Module):
-    """`dev-best.ckpt` selection, remembered across `-e` resume (it is a persistent buffer)."""
-
-    def __init__(self, criterion: str):
-        super().__init__()
-        if criterion not in ("loss", "uar"):
-            raise SettingsError(f"downstream_expert.selection: must be loss (the paper) or uar, got {criterion!r}")
-        self.criterion = criterion
-        self.register_buffer("best", torch.tensor(float("inf") if criterion == "loss" else -float("inf")))
-
-    def update(self, split: str, metrics: dict) -> list[str]:
-        if split != "dev":
-            return []
-        value = metrics[self.criterion]
-        better = value < self.best.item() if self.criterion == "loss" else value > self.best.item()
-        if better:
-            self.best.fill_(value)
-            return ["dev-best.ckpt"]
-        return []

@@ -63,7 +63,7 @@ def plot_confusion(path: Path, confusion: list[list[int]], title: str) -> None:
 
 def log_scalars(logger, prefix: str, metrics: dict, step: int) -> None:
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float):
             logger.add_scalar(f"{prefix}-{key}", value, global_step=step)
 
 

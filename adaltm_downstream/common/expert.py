@@ -1,0 +1,80 @@
+"""Plumbing shared by the MSP-Podcast downstreams, so each expert only says what its task is.
+
+A subclass declares its config sections and implements `build` (heads), `select` (which utterances a split
+uses), `fields` (what a batch carries besides the waveforms), `forward` and `evaluate` (metrics + its files).
+This base reads and validates the config, loads and validates the corpus, makes the bucketed loaders, and at
+every evaluation writes `{split}_metrics.json`, logs tensorboard scalars, prints a one-line summary and
+returns `dev-best.ckpt` when the selection criterion improves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from adaltm_downstream.common import reports, settings
+from adaltm_downstream.common.corpus import Utterance, load_corpus
+from adaltm_downstream.common.data import DataSettings, make_loader
+from adaltm_downstream.common.selection import BestCheckpoint
+
+
+class CorpusExpert(nn.Module):
+    name = "downstream"
+    sections: dict[str, type] = {}
+    default_selection = "loss"
+    needs_transcripts = False
+
+    def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
+        super().__init__()
+        config = dict(downstream_expert)
+        self.datarc = settings.parse(DataSettings, config.pop("datarc", None), "downstream_expert.datarc")
+        self.settings = {section: settings.parse(cls, config.pop(section, None), f"downstream_expert.{section}")
+                         for section, cls in self.sections.items()}
+        self.selection = BestCheckpoint(config.pop("selection", self.default_selection))
+        if config:
+            allowed = ", ".join(["datarc", *self.sections, "selection"])
+            raise settings.SettingsError(f"downstream_expert: unknown key(s) {', '.join(sorted(config))} "
+                                         f"(allowed: {allowed})")
+        self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
+        self.expdir.mkdir(parents=True, exist_ok=True)
+        spec = self.datarc.corpus()
+        spec.require_transcript = spec.require_transcript or self.needs_transcripts
+        corpus = load_corpus(spec, sorted(set(self.datarc.splits.values())))
+        self.utterances = {name: corpus[split_set] for name, split_set in self.datarc.splits.items()}
+        self.build(upstream_dim)
+
+    # -- to implement ----------------------------------------------------------------------------------------
+    def build(self, upstream_dim: int) -> None:
+        raise NotImplementedError
+
+    def select(self, utterances: list[Utterance], train: bool) -> list[Utterance]:
+        raise NotImplementedError
+
+    def fields(self, utt: Utterance) -> tuple:
+        raise NotImplementedError
+
+    def evaluate(self, split: str, records, test_set: str) -> dict:
+        raise NotImplementedError
+
+    # -- s3prl's downstream interface ------------------------------------------------------------------------
+    def get_dataloader(self, split: str, epoch: int = 0):
+        utterances = self.utterances.get(split)
+        if utterances is None:
+            self.datarc.split_set(split)  # raises, naming the configured splits
+        train = split == "train"
+        return make_loader(self.select(utterances, train), self.fields, self.datarc, train, epoch,
+                           f"{self.name} {split}")
+
+    def log_records(self, split, records, logger, global_step, batch_ids, total_batch_num, **kwargs):
+        if split == "train":
+            for key in [k for k in records if k.endswith("loss")]:
+                logger.add_scalar(f"{self.name}/train-{key}", sum(records[key]) / max(1, len(records[key])),
+                                  global_step=global_step)
+            return []
+        metrics = self.evaluate(split, records, self.datarc.split_set(split))
+        reports.write_metrics(self.expdir / f"{split}_metrics.json", metrics)
+        reports.log_scalars(logger, f"{self.name}/{split}", metrics, global_step)
+        print(reports.summary_line(self.name, split, metrics["test_set"], global_step, metrics), file=sys.stderr)
+        return self.selection.update(split, metrics)
