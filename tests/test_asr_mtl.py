@@ -84,8 +84,10 @@ def test_asr_finetuning_changes_the_backbone_but_not_the_cnn(tmp_path, corpus, t
     rows = list(csv.DictReader(open(expdir / "dev_transcripts.tsv"), delimiter="\t"))
     metrics = json.loads((expdir / "dev_metrics.json").read_text())
     refs, hyps = [r["ref"] for r in rows], [r["hyp"] or "" for r in rows]
-    assert metrics["wer"] == pytest.approx(jiwer.wer(refs, hyps)) and metrics["cer"] == pytest.approx(jiwer.cer(refs, hyps))
-    assert metrics["test_set"] == "Development" and json.loads((expdir / "vocab.json").read_text())["symbols"][0] == BLANK
+    assert metrics["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert metrics["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert metrics["test_set"] == "Development"
+    assert json.loads((expdir / "vocab.json").read_text())["symbols"][0] == BLANK
 
     out = tmp_path / "asr.safetensors"
     tensors, meta = task_vectors.extract(tiny_unilm, expdir / "states-3.ckpt")
