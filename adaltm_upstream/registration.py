@@ -36,6 +36,7 @@ def register() -> None:
         s3prl.downstream.__path__.append(str(DOWNSTREAM_DIR))
     if not getattr(Runner._get_upstream, "_adaltm_hook", False):
         Runner._get_upstream = _attach_experiment(Runner._get_upstream)
+        Runner._get_featurizer = _layer_stack_when_asked(Runner._get_featurizer)
 
 
 def _attach_experiment(get_upstream):
@@ -49,4 +50,23 @@ def _attach_experiment(get_upstream):
         return entry
 
     wrapped._adaltm_hook = True
+    return wrapped
+
+
+def _layer_stack_when_asked(get_featurizer):
+    """Downstreams that fuse layers themselves (`fuses_layers_itself = True`) get every hidden state instead of
+    s3prl's weighted sum."""
+
+    def wrapped(runner):
+        import importlib
+
+        from adaltm_downstream.common.layer_stack import LayerStack
+
+        expert = importlib.import_module(f"s3prl.downstream.{runner.args.downstream}.expert")
+        if not getattr(expert.DownstreamExpert, "fuses_layers_itself", False):
+            return get_featurizer(runner)
+        model = LayerStack(runner.upstream.model, runner.args.upstream_feature_selection, runner.args.device)
+        return runner._init_model(model=model.to(runner.args.device), name="Featurizer", trainable=True,
+                                  interfaces=["output_dim", "downsample_rate"])
+
     return wrapped

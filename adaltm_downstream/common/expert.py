@@ -69,12 +69,20 @@ class CorpusExpert(nn.Module):
 
     def log_records(self, split, records, logger, global_step, batch_ids, total_batch_num, **kwargs):
         if split == "train":
-            for key in [k for k in records if k.endswith("loss")]:
-                logger.add_scalar(f"{self.name}/train-{key}", sum(records[key]) / max(1, len(records[key])),
-                                  global_step=global_step)
+            log_train_losses(self.name, records, logger, global_step)
             return []
         metrics = self.evaluate(split, records, self.datarc.split_set(split))
-        reports.write_metrics(self.expdir / f"{split}_metrics.json", metrics)
-        reports.log_scalars(logger, f"{self.name}/{split}", metrics, global_step)
-        print(reports.summary_line(self.name, split, metrics["test_set"], global_step, metrics), file=sys.stderr)
-        return self.selection.update(split, metrics)
+        return finish_evaluation(self, split, metrics, logger, global_step)
+
+
+def log_train_losses(name: str, records, logger, global_step: int) -> None:
+    for key in [k for k in records if k.endswith("loss")]:
+        logger.add_scalar(f"{name}/train-{key}", sum(records[key]) / max(1, len(records[key])), global_step=global_step)
+
+
+def finish_evaluation(expert, split: str, metrics: dict, logger, global_step: int) -> list[str]:
+    """The end of every evaluation: metrics file, tensorboard, one summary line, checkpoint selection."""
+    reports.write_metrics(expert.expdir / f"{split}_metrics.json", metrics)
+    reports.log_scalars(logger, f"{expert.name}/{split}", metrics, global_step)
+    print(reports.summary_line(expert.name, split, metrics["test_set"], global_step, metrics), file=sys.stderr)
+    return expert.selection.update(split, metrics)
