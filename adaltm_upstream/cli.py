@@ -68,6 +68,20 @@ def _plot_lambdas(args: argparse.Namespace) -> None:
     print(f"wrote {plot_lambdas(args.expdirs, args.output)}")
 
 
+def _make_demo_corpus(args: argparse.Namespace) -> None:
+    from adaltm_upstream.demo_corpus import make_corpus
+
+    sizes = {"Train": args.train, "Development": args.dev, "Test1": args.test}
+    root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain)
+    print(f"wrote {root}: {sum(sizes.values())} utterances in the MSP-Podcast release layout")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from adaltm_upstream.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("expdirs", nargs="+", help="experiment directories of adaltm_wavlm runs")
     plot.add_argument("-o", "--output", default="lambdas.png")
     plot.set_defaults(run=_plot_lambdas)
+
+    corpus = commands.add_parser("make-demo-corpus", help="synthesise an offline corpus in the MSP-Podcast layout")
+    corpus.add_argument("directory")
+    corpus.add_argument("--train", type=int, default=600)
+    corpus.add_argument("--dev", type=int, default=120)
+    corpus.add_argument("--test", type=int, default=160)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--out-of-domain", action="store_true",
+                        help="the out-of-domain ASR corpus: neutral prosody, other voices and sentences")
+    corpus.set_defaults(run=_make_demo_corpus)
+
+    demo = commands.add_parser("demo", help="the whole paper end to end on the demo corpus and a tiny WavLM")
+    demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 3 minutes)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -203,6 +203,26 @@ def _ddp_non_leader_step_counter() -> bool:
     return True
 
 
+def _hack_isinstance_once() -> bool:
+    """`run_downstream.main()` calls `hack_isinstance()`, which wraps the builtin `isinstance` once more on every
+    call; a process that launches several runs (the demo) would stack wrappers and slow every isinstance."""
+    from s3prl import run_downstream
+
+    if getattr(run_downstream.hack_isinstance, "_adaltm_once", False):
+        return False
+    hack = run_downstream.hack_isinstance
+    applied = []
+
+    def once():
+        if not applied:
+            hack()
+            applied.append(True)
+
+    once._adaltm_once = True
+    run_downstream.hack_isinstance = once
+    return True
+
+
 def _ddp_wrapper() -> bool:
     """s3prl wraps trainable modules in DDP with `device_ids=[local_rank]` (invalid for CPU modules) and the
     default `broadcast_buffers=True`: buffers are re-sent every forward, and since only rank 0 evaluates,
@@ -237,6 +257,7 @@ LATE_FIXES: tuple[Fix, ...] = (
     Fix("atomic checkpoints", "states-*.ckpt written atomically", _atomic_runner_checkpoints),
     Fix("DDP step counter", "ranks > 0 stop at total_steps", _ddp_non_leader_step_counter),
     Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
+    Fix("hack_isinstance once", "several runs in one process", _hack_isinstance_once),
 )
 
 

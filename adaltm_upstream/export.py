@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import WavLMModel
+from transformers import WavLMConfig, WavLMModel
 
 from adaltm_upstream import compat
 from adaltm_upstream.checkpoints import torch_load, unilm_cfg_from_hf, unilm_key
@@ -19,6 +19,18 @@ from adaltm_upstream.errors import UserError
 from adaltm_upstream.expert import AdaLTMUpstream
 
 FORMATS = ("hf", "s3prl")
+
+
+def write_unilm_checkpoint(path: str | Path, config: WavLMConfig, normalize: bool, state: dict[str, torch.Tensor],
+                           **extra) -> Path:
+    """Canonical weights as a microsoft/unilm `{'cfg', 'model'}` file (what s3prl's `wavlm_local` loads)."""
+    layer_norm_cnn = config.feat_extract_norm == "layer"
+    unilm = {unilm_key(k, layer_norm_cnn): v.detach().contiguous() for k, v in state.items()}
+    unilm.setdefault("mask_emb", torch.zeros(config.hidden_size))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compat.atomic_save({"cfg": unilm_cfg_from_hf(config, normalize), "model": unilm, **extra}, path)
+    return path
 
 
 def upstream_with_states(config_path: str, states_path: str | None) -> AdaLTMUpstream:
@@ -54,11 +66,5 @@ def export(config_path: str, states_path: str | None, output: str | Path, fmt: s
         (output / "adaltm_export.json").write_text(json.dumps(provenance, indent=1))
         return output
     if fmt == "s3prl":
-        layer_norm_cnn = backbone.config.feat_extract_norm == "layer"
-        state = {unilm_key(k, layer_norm_cnn): v for k, v in merged.items()}
-        state.setdefault("mask_emb", torch.zeros(backbone.config.hidden_size))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        compat.atomic_save({"cfg": unilm_cfg_from_hf(backbone.config, backbone.normalize), "model": state,
-                            "adaltm": provenance}, output)
-        return output
+        return write_unilm_checkpoint(output, backbone.config, backbone.normalize, merged, adaltm=provenance)
     raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

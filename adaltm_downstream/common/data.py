@@ -29,7 +29,7 @@ class DataSettings:
     batch_size: int | None = 32            # utterances per training batch ...
     batch_seconds: float | None = None     # ... or padded seconds per training batch (then batch_size: null)
     eval_batch_size: int = 32
-    bucket_window: int = 100               # batches sorted together when bucketing (2.6 % padding on MSP-like lengths)
+    bucket_window: int = 100               # batches sorted together (2.6 % padding on MSP-like lengths); 0 = off
     num_workers: int = 2
     seed: int = 0
 

@@ -1,7 +1,8 @@
 """Length-bucketed batches: utterances of similar length together, so little of each batch is padding.
 
 Each epoch: shuffle (seeded by seed + epoch), cut into windows of `window` batches' worth of utterances, sort each
-window by length, cut it into batches (by count, or by total padded seconds), shuffle the batches. Under DDP each
+window by length, cut it into batches (by count, or by total padded seconds), shuffle the batches. `window=0`
+turns bucketing off; use it when utterance length predicts the label (batches would be label-homogeneous). Under DDP each
 rank takes every world-th batch of the same list (padded to a multiple of the world size), so ranks agree.
 """
 
@@ -49,11 +50,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         order = list(range(len(self.seconds)))
         if self.shuffle:
             rng.shuffle(order)
-        per_window = self.window * (self.batch_size or max(1, round(self.batch_seconds / self._mean())))
-        batches = []
-        for start in range(0, len(order), per_window):
-            chunk = sorted(order[start:start + per_window], key=self.seconds.__getitem__)
-            batches += self._cut(chunk)
+        if self.window == 0:  # bucketing off: batches are random draws (when length predicts the label)
+            batches = self._cut(order)
+        else:
+            per_window = self.window * (self.batch_size or max(1, round(self.batch_seconds / self._mean())))
+            batches = []
+            for start in range(0, len(order), per_window):
+                chunk = sorted(order[start:start + per_window], key=self.seconds.__getitem__)
+                batches += self._cut(chunk)
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1 and len(batches) % self.world_size:

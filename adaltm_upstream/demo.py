@@ -1,0 +1,308 @@
+"""`adaltm demo`: the whole paper, end to end, on the espeak corpus and a tiny WavLM, on a laptop CPU.
+
+Stages (each skipped when its output exists, so a rerun resumes): corpora -> tiny "pretrained" base (random
+init, written as a real unilm checkpoint) -> fine-tune the in-domain ASR, out-of-domain ASR and SER models
+through the real launcher -> extract three task vectors with the real CLI -> every row of Table 1 through the
+real launcher (train, then evaluate `dev-best.ckpt` on Test1) -> results.md, results.json, lambdas.png.
+The launcher and the CLI run in this process (same code as the commands, without a Python start per stage);
+each stage's output goes to `logs/<stage>.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from adaltm_upstream.errors import UserError
+
+REGISTRY = Path(__file__).resolve().parent.parent / "adaltm_downstream"
+
+
+@dataclass(frozen=True)
+class Size:
+    corpus: dict[str, int]
+    ood_corpus: dict[str, int]
+    finetune_steps: int
+    asr_steps: int
+    rows_steps: int
+    batch: int
+
+
+FULL = Size({"Train": 600, "Development": 120, "Test1": 160}, {"Train": 300, "Development": 60, "Test1": 60},
+            finetune_steps=400, asr_steps=450, rows_steps=150, batch=16)
+QUICK = Size({"Train": 160, "Development": 48, "Test1": 64}, {"Train": 100, "Development": 24, "Test1": 24},
+             finetune_steps=60, asr_steps=60, rows_steps=24, batch=16)
+
+
+# The emotion head of every demo row: the paper's head with one hidden layer (the tiny model's pooled features
+# are weak, a purely linear head learns them too slowly for a few-minute demo).
+EMOTION_HEAD = {"emotion": {"projector_dim": 128, "hidden_dim": 128}}
+
+
+@dataclass
+class Row:
+    name: str
+    run: str                              # experiment directory name under runs/
+    downstream: str = "msp_podcast_cat"
+    upstream: dict | None = None          # adaltm_wavlm config; None = row reuses `run` of another row
+    wer: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _base_config() -> dict:
+    from transformers import WavLMConfig
+
+    return WavLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                       conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                       feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+                       num_conv_pos_embedding_groups=4, hidden_dropout=0.1, attention_dropout=0.1,
+                       activation_dropout=0.0, feat_proj_dropout=0.0, mask_time_prob=0.05)
+
+
+def write_tiny_base(path: Path, seed: int) -> Path:
+    """A randomly initialised tiny WavLM (transformers' initialisation), saved in microsoft/unilm format."""
+    from transformers import WavLMModel
+
+    from adaltm_upstream.export import write_unilm_checkpoint
+
+    torch.manual_seed(seed)
+    config = _base_config()
+    model = WavLMModel(config)
+    return write_unilm_checkpoint(path, config, True, model.state_dict())
+
+
+class Demo:
+    def __init__(self, out: Path, quick: bool, seed: int = 0):
+        self.out, self.size, self.seed, self.quick = out, QUICK if quick else FULL, seed, quick
+        for sub in ("configs", "runs", "vectors", "logs"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        self.corpus, self.ood = out / "corpus" / "MSP-Podcast", out / "corpus" / "ood-asr"
+        self.base = out / "base_wavlm_tiny.pt"
+        self.vectors = {name: out / "vectors" / f"{name}.safetensors" for name in ("asr_in", "asr_out", "ser")}
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def _logged(self, stage: str, function, *args) -> None:
+        """Run one stage with its output in logs/<stage>.log; on failure, say where to look."""
+        log = self.out / "logs" / f"{stage}.log"
+        with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+            try:
+                function(*args)
+            except SystemExit as exit_:
+                if exit_.code not in (0, None):
+                    raise UserError(f"{log}: stage {stage} failed (exit {exit_.code})") from None
+            except UserError:
+                raise
+            except Exception as error:
+                raise UserError(f"{log}: stage {stage} failed: {type(error).__name__}: {error}") from error
+
+    def _launch(self, argv: list[str]) -> None:
+        from adaltm_upstream import launcher
+
+        saved = sys.argv
+        try:
+            launcher.main(argv + ["--device", "cpu"])
+        finally:
+            sys.argv = saved
+
+    def _config(self, name: str, downstream: str, steps: int, datarc: dict, **sections) -> Path:
+        packaged = yaml.safe_load((REGISTRY / downstream / "config.yaml").read_text())
+        packaged["runner"].update(total_steps=steps, eval_step=max(1, steps // 3), save_step=max(1, steps // 3),
+                                  log_step=max(1, steps // 6), max_keep=1)
+        packaged["optimizer"] = {"name": "DifferentialAdamW", "lr": 2e-3, "upstream_lr": 1e-3, "lambda_lr": 2e-2,
+                                 "weight_decay": 0.01}
+        expert = packaged["downstream_expert"]
+        # bucket_window 0: in this corpus the speaking rate is part of the emotion, so length-sorted batches
+        # would be single-class batches
+        common = {"splits": {"train": "Train", "dev": "Development", "test": "Test1"}, "num_workers": 0,
+                  "batch_size": self.size.batch, "batch_seconds": None, "eval_batch_size": 32, "bucket_window": 0,
+                  **datarc}
+        for key in [k for k in expert if k.endswith("datarc") or k.endswith("_data")]:
+            expert[key].update(common)
+        for section, values in sections.items():
+            expert.setdefault(section, {}).update(values)
+        path = self.out / "configs" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(packaged, sort_keys=False))
+        return path
+
+    def _upstream(self, name: str, vectors: dict[str, str], **merge) -> Path:
+        config = {"base": str(self.base), "task_vectors": {t: str(self.vectors[v]) for t, v in vectors.items()},
+                  "merge": {"granularity": "layerwise", "init": 0.5, **merge}, "hidden_states": "transformer"}
+        path = self.out / "configs" / f"upstream_{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def _train_and_test(self, run: str, upstream: list[str], downstream: str, config: Path,
+                        test_root: Path | None = None) -> dict:
+        expdir = self.out / "runs" / run
+        metrics_file = expdir / "test_metrics.json"
+        if metrics_file.exists():
+            return json.loads(metrics_file.read_text())
+        self._launch(["-m", "train", *upstream, "-d", downstream, "-c", str(config), "-p", str(expdir)])
+        override = ["-o", f"config.downstream_expert.datarc.root={test_root}"] if test_root else []
+        self._launch(["-m", "evaluate", "-e", str(expdir / "dev-best.ckpt"), "-t", "test", *override])
+        return json.loads(metrics_file.read_text())
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def corpora(self) -> None:
+        from adaltm_upstream.demo_corpus import make_corpus
+
+        for root, sizes, ood in ((self.corpus, self.size.corpus, False), (self.ood, self.size.ood_corpus, True)):
+            if not (root / "Labels" / "labels_consensus.csv").exists():
+                make_corpus(root, sizes, seed=self.seed + ood, out_of_domain=ood)
+        if not self.base.exists():
+            write_tiny_base(self.base, self.seed)
+
+    def finetune(self) -> dict:
+        """The three fine-tuned models. A random tiny base has no useful CNN, so unlike s3prl's wavlm (whose CNN
+        stays frozen) the whole model is trained: adaltm_wavlm with no vectors and trainable weights."""
+        local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("finetune", {}, granularity="static",
+                                                                  train_merged_weights=True))]
+        asr = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
+        results = {
+            "asr_in": self._train_and_test("finetune_asr_in_domain", local, "msp_podcast_asr", self._config(
+                "finetune_asr_in_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.corpus)}, **asr)),
+            "asr_out": self._train_and_test("finetune_asr_out_of_domain", local, "msp_podcast_asr", self._config(
+                "finetune_asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.ood)}, **asr),
+                test_root=self.corpus),
+            "ser": self._train_and_test("finetune_ser", local, "msp_podcast_cat", self._config(
+                "finetune_ser", "msp_podcast_cat", self.size.finetune_steps,
+                {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD)),
+        }
+        return results
+
+    def extract(self) -> None:
+        from adaltm_upstream import cli
+
+        sources = {"asr_in": "finetune_asr_in_domain", "asr_out": "finetune_asr_out_of_domain", "ser": "finetune_ser"}
+        for name, run in sources.items():
+            if not self.vectors[name].exists():
+                cli.main(["task-vector", "extract", "--base", str(self.base), "--finetuned",
+                          str(self.out / "runs" / run / "dev-best.ckpt"), "-o", str(self.vectors[name])])
+
+    def rows(self) -> list[Row]:
+        dual = {"asr": "asr_in", "ser": "ser"}
+        return [
+            Row("MTL (fully trainable)", "mtl_full", "msp_podcast_mtl",
+                {"vectors": {}, "granularity": "static", "train_merged_weights": True}, wer=True),
+            Row("MTL w/ static init (W_base + 0.5ΔW)", "mtl_static_init", "msp_podcast_mtl",
+                {"vectors": dual, "granularity": "static", "train_merged_weights": True}, wer=True),
+            Row("Setup 1: Baseline (frozen backbone)", "setup1_baseline", upstream={"vectors": {},
+                                                                                    "granularity": "static"}),
+            Row("Setup 2: ASR-only vector", "setup2_asr_only", upstream={"vectors": {"asr": "asr_in"}}),
+            Row("Setup 3: SER-only vector", "setup3_ser_only", upstream={"vectors": {"ser": "ser"}}),
+            Row("Setup 4: Dual-vector (proposed)", "dual_layerwise", upstream={"vectors": dual}),
+            Row("Out-of-domain dual vectors", "dual_out_of_domain",
+                upstream={"vectors": {"asr": "asr_out", "ser": "ser"}}),
+            Row("Static global merging (λ = 0.5)", "dual_static", upstream={"vectors": dual, "granularity": "static"}),
+            Row("Adaptive global merging", "dual_global", upstream={"vectors": dual, "granularity": "global"}),
+            Row("Adaptive layer-wise merging (ours)", "dual_layerwise"),
+            Row("HarmoniFuse (fusion, frozen base)", "harmonifuse", "harmonifuse", {"vectors": {},
+                                                                                    "granularity": "static"}, wer=True),
+        ]
+
+    def run_row(self, row: Row) -> dict:
+        spec = dict(row.upstream)
+        upstream = self._upstream(row.run, spec.pop("vectors"), **spec)
+        datarc = {"root": str(self.corpus), "require_transcript": row.downstream != "msp_podcast_cat"}
+        extra = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}} if row.wer else {}
+        extra.update(EMOTION_HEAD)
+        if row.downstream == "harmonifuse":
+            extra["fusion"] = {"prompt_dim": 32}
+        config = self._config(row.run, row.downstream, self.size.rows_steps, datarc, **extra)
+        return self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(upstream)], row.downstream, config)
+
+    def lambdas_figure(self) -> Path:
+        from adaltm_upstream.plotting import plot_lambdas
+
+        runs = {"dual (in-domain)": "dual_layerwise", "ASR-only": "setup2_asr_only", "SER-only": "setup3_ser_only",
+                "dual (out-of-domain ASR)": "dual_out_of_domain"}
+        return plot_lambdas([str(self.out / "runs" / r) for r in runs.values()], self.out / "lambdas.png",
+                            labels=list(runs))
+
+
+def _row_result(name: str, metrics: dict, wer: bool) -> dict:
+    emotion = "uar" in metrics
+    return {"name": name,
+            "uar": metrics["uar"] if emotion else None,
+            "precision": metrics["precision"] if emotion else None,
+            "macro_f1": metrics["macro_f1"] if emotion else None,
+            "ci95": {k: metrics["ci95"][k] for k in ("uar", "precision", "macro_f1")} if emotion else None,
+            "wer": metrics.get("wer") if wer else None}
+
+
+def _cell(row: dict, key: str) -> str:
+    if row[key] is None:
+        return "–"
+    if key == "wer":
+        return f"{100 * row[key]:.2f}"
+    lo, hi = row["ci95"][key]
+    return f"{100 * row[key]:.2f} ± {100 * (hi - lo) / 2:.2f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = ["| Method / setup | UAR | Precision | Macro-F1 | WER |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | " + " | ".join(_cell(r, k) for k in ("uar", "precision", "macro_f1", "wer")) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0) -> list[dict]:
+    """Everything; returns the results rows. Resumable: finished stages are skipped."""
+    started = time.time()
+    logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
+    demo = Demo(Path(out), quick, seed)
+    rows = demo.rows()
+    stages = 4 + sum(1 for r in rows if r.upstream is not None)
+    bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)
+    metrics_by_run: dict[str, dict] = {}
+
+    def step(label: str, function, *args):
+        bar.set_postfix_str(label)
+        result = {}
+        demo._logged(label, lambda: result.setdefault("value", function(*args)))
+        bar.update(1)
+        return result.get("value")
+
+    step("corpora", demo.corpora)
+    finetuned = step("finetune", demo.finetune)
+    step("extract", demo.extract)
+    results = [_row_result("ASR model, in-domain (fine-tuned on the corpus)", finetuned["asr_in"], True),
+               _row_result("ASR model, out-of-domain (LibriSpeech role)", finetuned["asr_out"], True),
+               _row_result("SER model (fine-tuned)", finetuned["ser"], False)]
+    for r in results:
+        tqdm.write(_line(r), file=sys.stderr)
+    for row in rows:
+        if row.upstream is not None:
+            metrics_by_run[row.run] = step(row.run, demo.run_row, row)
+        result = _row_result(row.name, metrics_by_run[row.run], row.wer)
+        results.append(result)
+        tqdm.write(_line(result), file=sys.stderr)
+    step("lambdas", demo.lambdas_figure)
+    bar.close()
+
+    table = results_table(results)
+    minutes = (time.time() - started) / 60
+    header = (f"# AdaLTM demo ({'quick' if quick else 'full'}): Table 1 on the espeak corpus, tiny WavLM\n\n"
+              f"Test set: Test1 of the demo corpus; metrics in %, ± = half-width of the 95 % bootstrap interval; "
+              f"chance UAR = 12.5. Wall time {minutes:.1f} min.\n\n")
+    (demo.out / "results.md").write_text(header + table + "\n\n![λ per layer](lambdas.png)\n")
+    (demo.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table)
+    print(f"adaltm demo: {len(results)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
+          f"{demo.out / 'results.json'}, {demo.out / 'lambdas.png'}")
+    return results
+
+
+def _line(row: dict) -> str:
+    cells = ", ".join(f"{k.upper() if k != 'macro_f1' else 'MaF1'} {_cell(row, k)}"
+                      for k in ("uar", "precision", "macro_f1", "wer") if row[k] is not None)
+    return f"  {row['name']}: {cells}"

@@ -1,0 +1,121 @@
+"""An offline stand-in for MSP-Podcast: espeak-ng speech whose prosody plays the emotion, in the release layout.
+
+Each of the 8 classes is a prosody profile (pitch level, pitch range, rate, loudness), jittered per utterance;
+speakers are espeak voice variants, split speaker-disjointly into Train / Development / Test1; the class mix is
+MSP-like (neutral and happiness common; fear, contempt, disgust rare) plus X (no agreement) and O (other) rows;
+five simulated annotators vote, mostly for the intended class. Sentences follow a template
+("verb the colour object number") and are the transcripts. The out-of-domain ASR corpus (the LibriSpeech role)
+has neutral prosody only, other voices and other sentences.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaltm_upstream.errors import UserError
+
+
+@dataclass(frozen=True)
+class Profile:
+    pitch: tuple[int, int]        # espeak -p, 0..99
+    speed: tuple[int, int]        # espeak -s, words per minute
+    amplitude: tuple[int, int]    # espeak -a
+    pitch_range: str              # SSML prosody range
+
+
+PROFILES = {
+    "A": Profile((40, 55), (195, 225), (160, 190), "high"),      # anger: loud, fast
+    "C": Profile((25, 35), (125, 145), (85, 100), "x-low"),      # contempt: low, flat, slowish
+    "D": Profile((30, 40), (110, 130), (110, 130), "low"),       # disgust: low, slow
+    "F": Profile((80, 95), (215, 245), (65, 85), "high"),        # fear: high, fast, quiet
+    "H": Profile((70, 85), (185, 215), (120, 140), "x-high"),    # happiness: high, lively
+    "N": Profile((45, 55), (150, 170), (90, 110), "medium"),     # neutral
+    "S": Profile((15, 30), (95, 120), (50, 70), "x-low"),        # sadness: low, slow, quiet
+    "U": Profile((85, 99), (165, 185), (130, 150), "x-high"),    # surprise: very high, wide range
+}
+# MSP-Podcast-like class mix (before X/O rows).
+PROPORTIONS = {"N": 0.30, "H": 0.24, "A": 0.10, "S": 0.10, "U": 0.08, "C": 0.07, "D": 0.06, "F": 0.05}
+LONG_NAMES = {"A": "Angry", "C": "Contempt", "D": "Disgust", "F": "Fear", "H": "Happy", "N": "Neutral",
+              "S": "Sad", "U": "Surprise", "O": "Other"}
+
+IN_DOMAIN_VOICES = {"Train": ["en-us+m1", "en-us+m3", "en-us+f1", "en-us+f3", "en-us+m5", "en-us+f4"],
+                    "Development": ["en-us+m7", "en-us+f2"], "Test1": ["en-us+m2", "en-us+f5"]}
+OUT_OF_DOMAIN_VOICES = {"Train": ["en-gb+m4", "en-gb+f4", "en-gb+m6", "en-gb+f1"], "Development": ["en-gb+m2"],
+                        "Test1": ["en-gb+f3"]}
+IN_DOMAIN_WORDS = (["take", "bring", "find", "move", "drop", "hold"], ["red", "blue", "green", "white", "black"],
+                   ["box", "cup", "ball", "book", "chair", "shoe"], ["one", "two", "three", "four", "five", "six"])
+OUT_OF_DOMAIN_WORDS = (["the farmer", "a sailor", "my neighbour", "the teacher"], ["walked", "looked", "waited"],
+                       ["near the", "behind the", "under the"], ["river", "garden", "station", "market"])
+
+
+def _sentence(words: tuple[list[str], ...], rng: random.Random, in_domain: bool) -> str:
+    parts = [rng.choice(w) for w in words]
+    return f"{parts[0]} the {parts[1]} {parts[2]} {parts[3]}" if in_domain else " ".join(parts)
+
+
+def _synthesise(text: str, voice: str, pitch: int, speed: int, amplitude: int, pitch_range: str, out: Path) -> None:
+    ssml = f"<speak><prosody range='{pitch_range}'>{text}</prosody></speak>"
+    speech = subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude),
+                             "-m", "--stdout", ssml], capture_output=True, check=True).stdout
+    subprocess.run(["sox", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out),
+                    "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"],
+                   input=speech, capture_output=True, check=True)
+
+
+def _votes(code: str, rng: random.Random, annotators: int = 5) -> list[str]:
+    classes = list(PROFILES)
+    if code == "X":                                   # no agreement: spread votes
+        return rng.sample(classes, annotators)
+    if code == "O":
+        return ["O"] * 3 + [rng.choice(classes) for _ in range(annotators - 3)]
+    return [code if rng.random() < 0.75 else rng.choice(classes + ["O"]) for _ in range(annotators)]
+
+
+def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> Path:
+    """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool}: not installed (make demo installs espeak-ng and sox; or apt-get install {tool})")
+    root = Path(root)
+    for sub in ("Audios", "Labels", "Transcripts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    voices = OUT_OF_DOMAIN_VOICES if out_of_domain else IN_DOMAIN_VOICES
+    words = OUT_OF_DOMAIN_WORDS if out_of_domain else IN_DOMAIN_WORDS
+    codes, weights = list(PROPORTIONS), list(PROPORTIONS.values())
+    jobs, consensus, detailed = [], [], []
+    for split, count in sizes.items():
+        for i in range(count):
+            if out_of_domain:
+                code = "N"
+            else:
+                roll = rng.random()
+                code = "X" if roll < 0.04 else "O" if roll < 0.07 else rng.choices(codes, weights)[0]
+            voice = rng.choice(voices[split])
+            acted = code if code in PROFILES else rng.choice(codes)
+            profile = PROFILES[acted]
+            name = f"{'LIBRI' if out_of_domain else 'MSP-PODCAST'}_{split[:4].upper()}_{i:05d}.wav"
+            text = _sentence(words, rng, not out_of_domain)
+            jobs.append((text, voice, rng.randint(*profile.pitch), rng.randint(*profile.speed),
+                         rng.randint(*profile.amplitude), profile.pitch_range, root / "Audios" / name))
+            (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(text + "\n")
+            consensus.append({"FileName": name, "EmoClass": code, "EmoAct": 4.0, "EmoVal": 4.0, "EmoDom": 4.0,
+                              "SpkrID": voice, "Gender": "Female" if "+f" in voice else "Male", "Split_Set": split})
+            for worker, vote in enumerate(_votes(code, rng)):
+                detailed.append({"FileName": name, "WorkerID": f"annotator{worker}", "EmoClass_Major": LONG_NAMES[vote],
+                                 "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda job: _synthesise(*job), jobs))
+    for path, rows in ((root / "Labels" / "labels_consensus.csv", consensus),
+                       (root / "Labels" / "labels_detailed.csv", detailed)):
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
