@@ -2,8 +2,9 @@
 
 Each epoch: shuffle (seeded by seed + epoch), cut into windows of `window` batches' worth of utterances, sort each
 window by length, cut it into batches (by count, or by total padded seconds), shuffle the batches. `window=0`
-turns bucketing off; use it when utterance length predicts the label (batches would be label-homogeneous). Under DDP each
-rank takes every world-th batch of the same list (padded to a multiple of the world size), so ranks agree.
+turns bucketing off; use it when utterance length predicts the label (batches would be label-homogeneous).
+Under DDP each rank takes every world-th batch of the same list (padded to a multiple of the world size), so
+ranks agree.
 """
 
 from __future__ import annotations
