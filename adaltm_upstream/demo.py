@@ -120,11 +120,11 @@ class Demo:
         packaged["optimizer"] = {"name": "DifferentialAdamW", "lr": 2e-3, "upstream_lr": 1e-3, "lambda_lr": 2e-2,
                                  "weight_decay": 0.01}
         expert = packaged["downstream_expert"]
-        # bucket_window 0: in this corpus the speaking rate is part of the emotion, so length-sorted batches
-        # would be single-class batches
+        # bucket_window 0 for emotion: in this corpus the speaking rate is part of the emotion, so length-sorted
+        # batches would be single-class batches; ASR alone buckets as usual
         common = {"splits": {"train": "Train", "dev": "Development", "test": "Test1"}, "num_workers": 0,
-                  "batch_size": self.size.batch, "batch_seconds": None, "eval_batch_size": 32, "bucket_window": 0,
-                  **datarc}
+                  "batch_size": self.size.batch, "batch_seconds": None, "eval_batch_size": 32,
+                  "bucket_window": 100 if downstream == "msp_podcast_asr" else 0, **datarc}
         for key in [k for k in expert if k.endswith("datarc") or k.endswith("_data")]:
             expert[key].update(common)
         for section, values in sections.items():
@@ -205,8 +205,8 @@ class Demo:
             Row("Static global merging (λ = 0.5)", "dual_static", upstream={"vectors": dual, "granularity": "static"}),
             Row("Adaptive global merging", "dual_global", upstream={"vectors": dual, "granularity": "global"}),
             Row("Adaptive layer-wise merging (ours)", "dual_layerwise"),
-            Row("HarmoniFuse (fusion, frozen base)", "harmonifuse", "harmonifuse", {"vectors": {},
-                                                                                    "granularity": "static"}, wer=True),
+            Row("HarmoniFuse (fine-tuned backbone)", "harmonifuse", "harmonifuse",
+                {"vectors": {}, "granularity": "static", "train_merged_weights": True}, wer=True),
         ]
 
     def run_row(self, row: Row) -> dict:

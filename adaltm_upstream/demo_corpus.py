@@ -63,7 +63,7 @@ def _synthesise(text: str, voice: str, pitch: int, speed: int, amplitude: int, p
     ssml = f"<speak><prosody range='{pitch_range}'>{text}</prosody></speak>"
     speech = subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude),
                              "-m", "--stdout", ssml], capture_output=True, check=True).stdout
-    subprocess.run(["sox", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out),
+    subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out),
                     "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"],
                    input=speech, capture_output=True, check=True)
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adaltm_upstream import task_vectors
 from adaltm_upstream.backbone import WavLMBackbone
-from adaltm_upstream.checkpoints import load_checkpoint
+from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
 from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.errors import UserError
 from adaltm_upstream.groups import partition
@@ -41,16 +41,17 @@ class StatesMismatch(UserError):
 
 
 class AdaLTMUpstream(nn.Module):
-    def __init__(self, config: UpstreamConfig):
+    def __init__(self, config: UpstreamConfig, base: Checkpoint | None = None,
+                 vectors: list[task_vectors.TaskVector] | None = None):
+        """`base` and `vectors` default to the files the config names (benchmarks pass them in memory)."""
         super().__init__()
         self.config = config
-        base = load_checkpoint(config.base)
+        base = base if base is not None else load_checkpoint(config.base)
         base_fingerprint = task_vectors.fingerprint(base.state)
-        vectors = []
-        for path in config.task_vectors.values():
-            vector = task_vectors.load(path)
+        if vectors is None:
+            vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
+        for vector in vectors:
             task_vectors.check_against_base(vector, base_fingerprint, config.base)
-            vectors.append(vector)
         self.tasks = config.tasks
         self.fingerprint = hashlib.sha256("|".join(
             [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
@@ -74,6 +75,9 @@ class AdaLTMUpstream(nn.Module):
             frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
             frozen += [n for n, _ in self.named_buffers()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
+        # speed.compile: the backbone through torch.compile (dynamic shapes: utterance lengths vary)
+        self._run_backbone = (torch.compile(self.backbone.forward, dynamic=True) if config.speed.compile
+                              else self.backbone.forward)
         self.log_step = 0
         self._writer = None
         self._expdir: str | None = None
@@ -84,7 +88,7 @@ class AdaLTMUpstream(nn.Module):
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
         params = self.merge() if self.merge.num_tasks and not self.trains_weights else None
-        states = self.backbone(wavs, params=params).hidden_states
+        states = self._run_backbone(wavs, params=params).hidden_states
         if self.training and torch.is_grad_enabled():
             self.log_step += 1
             if self.log_step == 1 or self.log_step % LOG_EVERY == 0:

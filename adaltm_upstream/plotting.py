@@ -43,6 +43,7 @@ def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | Non
         for t, task in enumerate(tasks):
             ax.plot(groups, [row[t] for row in lambdas], marker="o", markersize=3, label=f"{run}: λ_{task}")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer group (0 = CNN + positional conv, l = transformer layer l)")
     ax.set_ylabel("λ")
     ax.set_title("Learned merging coefficients per layer")

@@ -1,0 +1,83 @@
+"""The demo corpus generator and the quick end-to-end demo (the project's front door)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+
+from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
+from adaltm_upstream.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
+from tests.conftest import ROOT, launcher_env
+
+SIZES = {"Train": 40, "Development": 12, "Test1": 12}
+
+
+def _digest(root):
+    digest = hashlib.sha256()
+    for path in sorted((root / "Audios").iterdir()) + sorted((root / "Labels").iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_corpus_is_deterministic_speaker_disjoint_and_msp_like(tmp_path):
+    first, second = make_corpus(tmp_path / "a", SIZES, seed=3), make_corpus(tmp_path / "b", SIZES, seed=3)
+    assert _digest(first) == _digest(second)
+    assert _digest(make_corpus(tmp_path / "c", SIZES, seed=4)) != _digest(first)
+
+    rows = list(csv.DictReader(open(first / "Labels" / "labels_consensus.csv")))
+    speakers = {split: {r["SpkrID"] for r in rows if r["Split_Set"] == split} for split in SIZES}
+    assert not speakers["Train"] & speakers["Test1"] and not speakers["Train"] & speakers["Development"]
+    assert speakers["Test1"] <= set(IN_DOMAIN_VOICES["Test1"])
+    counts = Counter(r["EmoClass"] for r in rows)
+    assert counts["N"] + counts["H"] > counts["F"] + counts["C"] + counts["D"]
+    votes = Counter(r["FileName"] for r in csv.DictReader(open(first / "Labels" / "labels_detailed.csv")))
+    assert set(votes.values()) == {5}
+
+    loaded = load_corpus(CorpusSpec(first, require_transcript=True), list(SIZES))  # reads as the real corpus does
+    assert sum(len(v) for v in loaded.values()) == sum(SIZES.values())
+    assert all(u.transcript and 0.3 < u.seconds < 6 for v in loaded.values() for u in v)
+
+    big = make_corpus(tmp_path / "big", {"Train": 400}, seed=0)
+    classes = Counter(r["EmoClass"] for r in csv.DictReader(open(big / "Labels" / "labels_consensus.csv")))
+    assert set(classes) == set("ACDFHNSUXO") and classes["N"] > classes["F"]
+
+
+def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
+    root = make_corpus(tmp_path / "ood", {"Train": 10, "Development": 4, "Test1": 4}, seed=1, out_of_domain=True)
+    rows = list(csv.DictReader(open(root / "Labels" / "labels_consensus.csv")))
+    assert {r["EmoClass"] for r in rows} == {"N"}
+    voices = {r["SpkrID"] for r in rows}
+    in_domain = {v for vs in IN_DOMAIN_VOICES.values() for v in vs}
+    assert voices <= {v for vs in OUT_OF_DOMAIN_VOICES.values() for v in vs} and not voices & in_domain
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in rows]
+    expected_rows = ["MTL (fully trainable)", "MTL w/ static init (W_base + 0.5ΔW)",
+                     "Setup 1: Baseline (frozen backbone)", "Setup 2: ASR-only vector", "Setup 3: SER-only vector",
+                     "Setup 4: Dual-vector (proposed)", "Out-of-domain dual vectors",
+                     "Static global merging (λ = 0.5)", "Adaptive global merging",
+                     "Adaptive layer-wise merging (ours)", "HarmoniFuse (fine-tuned backbone)"]
+    for expected in expected_rows:
+        assert expected in names
+    for row in rows:
+        assert set(row) == {"name", "uar", "precision", "macro_f1", "ci95", "wer"}
+        if row["uar"] is not None:
+            assert 0 <= row["uar"] <= 1 and row["ci95"]["uar"][0] <= row["uar"] <= row["ci95"]["uar"][1]
+    assert next(r for r in rows if r["name"] == "MTL (fully trainable)")["wer"] is not None
+    assert "| Setup 4: Dual-vector (proposed) |" in (out / "results.md").read_text()
+    assert (out / "lambdas.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rows in" in done.stdout
+
+    again = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", str(out)],
+                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
