@@ -112,10 +112,15 @@ def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_d
                                  "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda job: _synthesise(*job), jobs))
+    write_labels(root, consensus, detailed)
+    return root
+
+
+def write_labels(root: Path, consensus: list[dict], detailed: list[dict]) -> None:
+    """`Labels/labels_consensus.csv` and `Labels/labels_detailed.csv` from one dict per row."""
     for path, rows in ((root / "Labels" / "labels_consensus.csv", consensus),
                        (root / "Labels" / "labels_detailed.csv", detailed)):
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return root

@@ -99,3 +99,12 @@ def merge_setup(tmp_path_factory, tiny_unilm):
     root = tmp_path_factory.mktemp("vectors")
     return {"base": tiny_unilm, "asr": write_task_vector(tiny_unilm, root / "asr.safetensors", seed=1),
             "ser": write_task_vector(tiny_unilm, root / "ser.safetensors", seed=2)}
+
+
+@pytest.fixture(scope="session")
+def mini_msp(tmp_path_factory):
+    """A generated miniature MSP-Podcast release, shared by the downstream tests: (root, facts)."""
+    from tests.corpus_factory import write_mini_msp
+
+    root = tmp_path_factory.mktemp("msp") / "MSP-Podcast"
+    return root, write_mini_msp(root)

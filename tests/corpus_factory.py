@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from adaltm_downstream.common.corpus import CLASSES
+from adaltm_upstream.demo_corpus import write_labels
 
 LONG = {"A": "Angry", "C": "Contempt", "D": "Disgust", "F": "Fear", "H": "Happy", "N": "Neutral", "S": "Sad",
         "U": "Surprise", "O": "Other"}
@@ -53,10 +53,5 @@ def write_mini_msp(root: Path, per_split: dict[str, int] | None = None, seed: in
                 words = " ".join(pick.choice(WORDS) for _ in range(3))
                 (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(words.upper() + ".\n")
         facts["rows"][split] = codes
-    for path, rows in ((root / "Labels" / "labels_consensus.csv", consensus),
-                       (root / "Labels" / "labels_detailed.csv", detailed)):
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_labels(root, consensus, detailed)
     return facts

@@ -15,7 +15,6 @@ from adaltm_upstream import task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint
 from adaltm_upstream.optimizers import get_DifferentialAdamW
 from tests.conftest import ROOT, run_launcher, write_yaml
-from tests.corpus_factory import write_mini_msp
 
 
 def test_normalisation_vocabulary_round_trip_and_greedy_ctc(tmp_path):
@@ -65,10 +64,8 @@ def test_differential_optimizer_gives_each_group_its_rate():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("msp_asr") / "MSP-Podcast"
-    write_mini_msp(root)
-    return root
+def corpus(mini_msp):
+    return mini_msp[0]
 
 
 SHORT = ("config.runner.total_steps=3,,config.runner.eval_step=3,,config.runner.save_step=3,,config.runner.log_step=1,,"

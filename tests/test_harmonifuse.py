@@ -12,7 +12,6 @@ from adaltm_downstream.common.interleave import InterleavedLoader
 from adaltm_downstream.harmonifuse.expert import asr_fields, ser_fields
 from adaltm_downstream.harmonifuse.model import PromptAdaptiveFusion, TaskGate
 from tests.conftest import ROOT, run_launcher, write_yaml
-from tests.corpus_factory import write_mini_msp
 
 
 def test_fusion_weights_differ_per_task_and_move_with_training():
@@ -65,10 +64,8 @@ def test_schedule_ratio_and_batches_carry_only_their_own_labels():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf") / "MSP-Podcast"
-    write_mini_msp(root)
-    return root
+def corpus(mini_msp):
+    return mini_msp[0]
 
 
 SHORT = ("config.runner.total_steps=4,,config.runner.eval_step=4,,config.runner.save_step=4,,config.runner.log_step=2,,"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from adaltm_downstream.common.corpus import CLASSES, CorpusError, CorpusSpec, load_corpus
+from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, CorpusError, CorpusSpec, load_corpus
 from adaltm_downstream.common.data import DataSettings, UtteranceDataset
 from adaltm_downstream.common.settings import SettingsError, parse
 from tests.conftest import run_launcher
@@ -19,9 +19,8 @@ SPLITS = ["Train", "Development", "Test1"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("msp") / "MSP-Podcast"
-    return root, write_mini_msp(root)
+def corpus(mini_msp):
+    return mini_msp
 
 
 def test_splits_counts_soft_labels_and_transcript_filter(corpus):
@@ -132,3 +131,9 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     assert {"uar", "precision", "macro_f1", "accuracy", "loss", "ci95", "confusion", "emo_superb_f1"} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in ("uar", "precision", "macro_f1", "accuracy"))
     assert np.asarray(metrics["confusion"]).shape == (8, 8) and (expdir / "test_confusion.png").exists()
+
+    stereo = tmp_path / "question.wav"  # -m inference reads any rate and channel count
+    sf.write(stereo, np.stack([tone("H", 1.0, np.random.default_rng(1), 22050)] * 2, axis=1), 22050)
+    run_launcher(["-m", "inference", "-e", str(expdir / "dev-best.ckpt"), "-t", str(stereo)], cwd=tmp_path)
+    name, emotion, probabilities = (expdir / "inference.tsv").read_text().strip().split("\t")
+    assert name == "question" and emotion in CLASS_NAMES and len(probabilities.split()) == 8

@@ -98,11 +98,19 @@ class CTCTask(nn.Module):
         self.dropout = nn.Dropout(settings.dropout)
         self.output = nn.Linear(settings.projector_dim, len(vocabulary))
 
-    def forward(self, padded: torch.Tensor, valid: torch.Tensor, transcripts, files, records) -> torch.Tensor:
+    def log_probs(self, padded: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(torch.relu(self.projector(padded)))
         if self.lstm is not None:
             hidden, _ = self.lstm(hidden)
-        log_probs = F.log_softmax(self.output(hidden).float(), dim=-1)
+        return F.log_softmax(self.output(hidden).float(), dim=-1)
+
+    def describe(self, padded: torch.Tensor, valid: torch.Tensor) -> list[str]:
+        """Greedy transcripts, per utterance."""
+        best = self.log_probs(padded).argmax(dim=-1).cpu()
+        return [self.vocabulary.greedy(best[i, : int(n)].tolist()) for i, n in enumerate(valid.sum(dim=1))]
+
+    def forward(self, padded: torch.Tensor, valid: torch.Tensor, transcripts, files, records) -> torch.Tensor:
+        log_probs = self.log_probs(padded)
         lengths = valid.sum(dim=1)
         targets = [torch.tensor(self.vocabulary.encode(t), dtype=torch.long) for t in transcripts]
         target_lengths = torch.tensor([len(t) for t in targets])

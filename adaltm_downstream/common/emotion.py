@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from adaltm_downstream.common import reports
-from adaltm_downstream.common.corpus import CLASSES, Utterance
+from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, Utterance
 from adaltm_downstream.common.heads import UtteranceClassifier
 from adaltm_downstream.common.losses import SoftCrossEntropy, class_balanced_weights
 from adaltm_downstream.common.metrics import emotion_metrics
@@ -70,6 +70,11 @@ class EmotionTask(nn.Module):
         records["targets"] += [list(t) for t in targets]
         records["files"] += list(files)
         return per_utterance.mean()
+
+    def describe(self, padded: torch.Tensor, valid: torch.Tensor) -> list[str]:
+        """The predicted class and the 8 probabilities, per utterance."""
+        probabilities = torch.softmax(self.head(padded, valid).float(), dim=-1)
+        return [f"{CLASS_NAMES[int(p.argmax())]}\t" + " ".join(f"{v:.4f}" for v in p.tolist()) for p in probabilities]
 
     def evaluate(self, records, test_set: str, seed: int) -> dict:
         probabilities = np.asarray(records["probabilities"])

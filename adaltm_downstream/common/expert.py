@@ -18,6 +18,7 @@ from adaltm_downstream.common import reports, settings
 from adaltm_downstream.common.corpus import Utterance, load_corpus
 from adaltm_downstream.common.data import DataSettings, make_loader
 from adaltm_downstream.common.selection import BestCheckpoint
+from adaltm_upstream.audio import load_mono_16k
 
 
 class CorpusExpert(nn.Module):
@@ -58,6 +59,10 @@ class CorpusExpert(nn.Module):
     def evaluate(self, split: str, records, test_set: str) -> dict:
         raise NotImplementedError
 
+    def describe(self, padded, valid) -> list[str]:
+        """`-m inference`: one line of output per utterance."""
+        raise NotImplementedError
+
     # -- s3prl's downstream interface ------------------------------------------------------------------------
     def get_dataloader(self, split: str, epoch: int = 0):
         utterances = self.utterances.get(split)
@@ -66,6 +71,20 @@ class CorpusExpert(nn.Module):
         train = split == "train"
         return make_loader(self.select(utterances, train), self.fields, self.datarc, train, epoch,
                            f"{self.name} {split}")
+
+    def load_audio(self, path):
+        """s3prl's `-m inference` reads the file through this (any rate, any channel count)."""
+        return load_mono_16k(path)
+
+    def inference(self, features, filenames):
+        """`-m inference -t FILE`: prints and writes `inference.tsv` in the experiment directory."""
+        from adaltm_downstream.common.heads import pad_features
+
+        lines = self.describe(*pad_features(features))
+        text = "".join(f"{name}\t{line}\n" for name, line in zip(filenames, lines))
+        (self.expdir / "inference.tsv").write_text(text)
+        print(text, end="")
+        return lines
 
     def log_records(self, split, records, logger, global_step, batch_ids, total_batch_num, **kwargs):
         if split == "train":

@@ -16,6 +16,14 @@ class SettingsError(UserError):
     """A bad downstream config key; names it as `downstream_expert.<section>.<key>`."""
 
 
+_SCALARS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -39,22 +47,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{where}: expected a list, got {value!r}")
         return list(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise SettingsError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SettingsError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise SettingsError(f"{where}: expected a string, got {value!r}")
-        return value
+    if annotation in _SCALARS:
+        expected, accepts = _SCALARS[annotation]
+        if not accepts(value):
+            raise SettingsError(f"{where}: expected {expected}, got {value!r}")
+        return float(value) if annotation is float else value
     return value
 
 

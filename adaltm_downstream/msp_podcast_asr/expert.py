@@ -40,3 +40,6 @@ class DownstreamExpert(CorpusExpert):
         metrics = self.asr.evaluate(records, test_set)
         self.asr.write(self.expdir, split, records)
         return {**metrics, "loss": metrics["asr_loss"], "n": metrics["asr_n"]}
+
+    def describe(self, padded, valid) -> list[str]:
+        return self.asr.describe(padded, valid)

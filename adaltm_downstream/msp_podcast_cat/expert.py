@@ -36,3 +36,6 @@ class DownstreamExpert(CorpusExpert):
         metrics = self.emotion.evaluate(records, test_set, self.seed)
         self.emotion.write(self.expdir, split, records, metrics)
         return metrics
+
+    def describe(self, padded, valid) -> list[str]:
+        return self.emotion.describe(padded, valid)

@@ -63,3 +63,6 @@ class DownstreamExpert(CorpusExpert):
         self.asr.write(self.expdir, split, records)
         joint = (1 - self.asr_weight) * emotion["loss"] + self.asr_weight * asr["asr_loss"]
         return {**emotion, **asr, "emotion_loss": emotion["loss"], "loss": joint}
+
+    def describe(self, padded, valid) -> list[str]:
+        return [f"{e}\t{t}" for e, t in zip(self.emotion.describe(padded, valid), self.asr.describe(padded, valid))]
