@@ -10,11 +10,6 @@ import adaltm_downstream
 DOWNSTREAM_DIR = Path(adaltm_downstream.__file__).resolve().parent
 
 
-def plugin_downstreams() -> list[str]:
-    """Names usable with `-d`: every package of adaltm_downstream that has an expert.py."""
-    return sorted(p.parent.name for p in DOWNSTREAM_DIR.glob("*/expert.py"))
-
-
 def packaged_config(downstream: str) -> Path | None:
     path = DOWNSTREAM_DIR / downstream / "config.yaml"
     return path if path.is_file() else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch.distributed import get_rank, get_world_size, is_initialized
@@ -43,8 +44,6 @@ class DataSettings:
             raise SettingsError(f"{where}.splits: needs the keys train and dev (missing {missing})")
 
     def corpus(self) -> CorpusSpec:
-        from pathlib import Path
-
         return CorpusSpec(Path(self.root), self.layout, Path(self.labels_csv) if self.labels_csv else None,
                           self.require_transcript, self.soft_labels)
 
