@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,16 +132,10 @@ def atomic_save(obj, path) -> None:
     if not isinstance(path, (str, os.PathLike)):
         torch.save(obj, path)
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
-    os.close(fd)
-    try:
+    from adaltm_upstream.files import atomic_path
+
+    with atomic_path(path, suffix=".ckpt") as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _atomic_runner_checkpoints() -> bool:

@@ -174,10 +174,9 @@ class AdaLTMUpstream(nn.Module):
     def _tie_backbone_to_base(self) -> None:
         """Point the backbone's (frozen) parameters into the merge's flat base buffers: one copy of the base."""
         model = self.backbone.model
-        for g, slots in enumerate(self.merge.layout):
-            flat = self.merge.base(g)
-            for slot, piece in zip(slots, flat.split([s.numel for s in slots])):
-                model.get_parameter(slot.name).data = piece.view(slot.shape)
+        for g in range(self.merge.num_groups):
+            for name, view in self.merge.unflatten(g, self.merge.base(g)).items():
+                model.get_parameter(name).data = view
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

@@ -89,6 +89,11 @@ class GroupedMerge(nn.Module):
     def tau(self, g: int) -> torch.Tensor:
         return getattr(self, f"tau_{g}")
 
+    def unflatten(self, g: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of group g's flat buffer, by canonical name and shape."""
+        slots = self.layout[g]
+        return {s.name: piece.view(s.shape) for s, piece in zip(slots, flat.split([s.numel for s in slots]))}
+
     def merge_group(self, g: int, lam: torch.Tensor) -> torch.Tensor:
         base, tau = self.base(g), self.tau(g)
         if self.num_tasks == 0 or base.numel() == 0:
@@ -110,9 +115,7 @@ class GroupedMerge(nn.Module):
             if not slots:
                 continue
             lam = lambdas[g].detach() if g in self.frozen_groups else lambdas[g]
-            flat = self.merge_group(g, lam)
-            for slot, piece in zip(slots, flat.split([s.numel for s in slots])):
-                merged[slot.name] = piece.view(slot.shape)
+            merged.update(self.unflatten(g, self.merge_group(g, lam)))
         if key is not None:
             self._cache = (key, {k: v.detach() for k, v in merged.items()})
         return merged

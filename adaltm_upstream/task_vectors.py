@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
 from adaltm_upstream.errors import UserError
+from adaltm_upstream.files import atomic_path
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"
@@ -109,16 +109,8 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomic: the file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"adaltm": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load(path: str | os.PathLike) -> TaskVector:
