@@ -11,7 +11,7 @@ import numpy as np
 from torch.distributed import get_rank, get_world_size, is_initialized
 from torch.utils.data import DataLoader, Dataset
 
-from adaltm_downstream.common.corpus import CorpusSpec, Utterance
+from adaltm_downstream.common.corpus import CorpusSpec, Utterance, load_corpus
 from adaltm_downstream.common.sampler import BucketBatchSampler
 from adaltm_downstream.common.settings import SettingsError
 from adaltm_upstream.audio import load_mono_16k
@@ -46,6 +46,13 @@ class DataSettings:
     def corpus(self) -> CorpusSpec:
         return CorpusSpec(Path(self.root), self.layout, Path(self.labels_csv) if self.labels_csv else None,
                           self.require_transcript, self.soft_labels)
+
+    def load_splits(self, needs_transcripts: bool = False) -> dict[str, list[Utterance]]:
+        """The validated corpus, by s3prl split name (train, dev, test, ...)."""
+        spec = self.corpus()
+        spec.require_transcript = spec.require_transcript or needs_transcripts
+        corpus = load_corpus(spec, sorted(set(self.splits.values())))
+        return {name: corpus[split_set] for name, split_set in self.splits.items()}
 
     def split_set(self, split: str) -> str:
         if split not in self.splits:

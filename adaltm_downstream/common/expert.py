@@ -15,8 +15,9 @@ from pathlib import Path
 from torch import nn
 
 from adaltm_downstream.common import reports, settings
-from adaltm_downstream.common.corpus import Utterance, load_corpus
+from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.data import DataSettings, make_loader
+from adaltm_downstream.common.heads import pad_features
 from adaltm_downstream.common.selection import BestCheckpoint
 from adaltm_upstream.audio import load_mono_16k
 
@@ -40,10 +41,7 @@ class CorpusExpert(nn.Module):
                                          f"(allowed: {allowed})")
         self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
         self.expdir.mkdir(parents=True, exist_ok=True)
-        spec = self.datarc.corpus()
-        spec.require_transcript = spec.require_transcript or self.needs_transcripts
-        corpus = load_corpus(spec, sorted(set(self.datarc.splits.values())))
-        self.utterances = {name: corpus[split_set] for name, split_set in self.datarc.splits.items()}
+        self.utterances = self.datarc.load_splits(self.needs_transcripts)
         self.build(upstream_dim)
 
     # -- to implement ----------------------------------------------------------------------------------------
@@ -78,8 +76,6 @@ class CorpusExpert(nn.Module):
 
     def inference(self, features, filenames):
         """`-m inference -t FILE`: prints and writes `inference.tsv` in the experiment directory."""
-        from adaltm_downstream.common.heads import pad_features
-
         lines = self.describe(*pad_features(features))
         text = "".join(f"{name}\t{line}\n" for name, line in zip(filenames, lines))
         (self.expdir / "inference.tsv").write_text(text)

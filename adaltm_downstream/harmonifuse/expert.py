@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from adaltm_downstream.common import settings
-from adaltm_downstream.common.corpus import Utterance, load_corpus
+from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.data import DataSettings, make_loader
 from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields
@@ -69,12 +69,7 @@ class DownstreamExpert(nn.Module):
             raise settings.SettingsError(f"{where}: unknown key(s) {', '.join(sorted(config))} (allowed: ser_data, "
                                          "asr_data, fusion, emotion, asr, selection)")
         self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
-        self.utterances = {}
-        for task in TASKS:
-            spec = self.data[task].corpus()
-            spec.require_transcript = spec.require_transcript or task == "asr"
-            corpus = load_corpus(spec, sorted(set(self.data[task].splits.values())))
-            self.utterances[task] = {name: corpus[s] for name, s in self.data[task].splits.items()}
+        self.utterances = {task: self.data[task].load_splits(needs_transcripts=task == "asr") for task in TASKS}
 
         self.fusion = PromptAdaptiveFusion(list(TASKS), upstream_dim, self.fusion_settings.prompt_dim,
                                            self.fusion_settings.utterance_conditioned, self.fusion_settings.max_layers)
