@@ -58,7 +58,7 @@ def test_stock_wavlm_local_on_example_trains_saves_and_resumes(tmp_path, tiny_un
 def test_torchrun_two_processes_gloo_really_distributed(tmp_path, tiny_unilm):
     config = write_yaml(tmp_path / "example.yaml", example_config(total_steps=2))
     expdir = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "example",
                   "-c", str(config), "-p", str(expdir), "--device", "cpu"], cwd=tmp_path, runner=torchrun,
                  timeout=400)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from adaltm_upstream import adaltm_wavlm, task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint, unilm_key
 from adaltm_upstream.config import ConfigError
 from adaltm_upstream.groups import group_of
+from tests.conftest import launcher_env
 
 WAVS = [torch.linspace(-1, 1, 9000).sin() * 0.4, torch.randn(14000, generator=torch.Generator().manual_seed(3))]
 
@@ -136,37 +138,18 @@ def test_config_errors_name_the_field(merge_setup, bad, field):
         adaltm_wavlm(model_config=data)
 
 
-def _ddp_worker(rank, setup, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    from adaltm_upstream import compat
-
-    compat.apply_all()
-    from s3prl.downstream import runner
-
-    upstream = make(setup).train()
-    model = runner.DDP(upstream, device_ids=[rank], find_unused_parameters=True)  # as s3prl's runner does
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees different audio
-    for _ in range(2):
-        wavs = [torch.randn(7000 + 500 * rank, generator=generator)]
-        loss = sum(h.pow(2).mean() for h in model(wavs)["hidden_states"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    gathered = [torch.zeros(3, 2) for _ in range(2)]
-    dist.all_gather(gathered, upstream.lambdas().contiguous())
-    if rank == 0:
-        results.put((gathered[0].tolist(), gathered[1].tolist(), sorted(model.parameters_to_ignore)))
-    dist.destroy_process_group()
-
-
-def test_ddp_two_ranks_end_with_identical_lambdas(merge_setup):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    mp.start_processes(_ddp_worker, args=(merge_setup, 29611, results), nprocs=2, join=True, start_method="spawn")
-    rank0, rank1, ignored = results.get(timeout=5)
+def test_ddp_two_ranks_end_with_identical_lambdas(merge_setup, tmp_path):
+    out = tmp_path / "ddp.json"
+    worker = Path(__file__).with_name("ddp_lambda_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(merge_setup["base"]), str(merge_setup["asr"]), str(merge_setup["ser"]), str(out)]
+    result = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    report = json.loads(out.read_text())
+    rank0, rank1 = report["lambdas"]
+    assert report["world_size"] == 2
     assert rank0 == rank1
     assert rank0 != [[0.5, 0.5]] * 3  # they moved
+    ignored = report["ignored"]
     assert "merge.coefficients" not in ignored and "merge.base_1" in ignored
     assert any(name.startswith("backbone.model.encoder") for name in ignored)

@@ -1,0 +1,45 @@
+"""One rank of the DDP λ test, started by torchrun: `ddp_lambda_worker.py BASE ASR SER OUT.json`.
+
+A script run by torchrun (free port, its own processes) rather than spawned inside pytest, so that the test
+exercises what users run and a stuck rendezvous ends with the subprocess timeout.
+"""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from adaltm_upstream import adaltm_wavlm, compat
+
+
+def main(base: str, asr: str, ser: str, out: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    compat.apply_all()
+    from s3prl.downstream import runner
+
+    upstream = adaltm_wavlm(model_config={"base": base, "task_vectors": {"asr": asr, "ser": ser},
+                                          "merge": {"granularity": "layerwise", "init": 0.5}}).train()
+    model = runner.DDP(upstream, device_ids=[rank], find_unused_parameters=True)  # as s3prl's runner does
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees different audio
+    for _ in range(2):
+        wavs = [torch.randn(7000 + 500 * rank, generator=generator)]
+        loss = sum(h.pow(2).mean() for h in model(wavs)["hidden_states"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    gathered = [torch.zeros_like(upstream.lambdas()) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, upstream.lambdas().contiguous())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"lambdas": [g.tolist() for g in gathered], "ignored": sorted(model.parameters_to_ignore),
+                       "world_size": int(os.environ["WORLD_SIZE"])}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
