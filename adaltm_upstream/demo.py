@@ -261,7 +261,7 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
     """Everything; returns the results rows. Resumable: finished stages are skipped."""
     started = time.time()
     logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
-    demo = Demo(Path(out), quick, seed)
+    demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
     rows = demo.rows()
     stages = 4 + sum(1 for r in rows if r.upstream is not None)
     bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)

@@ -56,9 +56,9 @@ def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=400)
+    out = tmp_path / "demo"  # given relative to the working directory, as `make demo`'s default is
+    done = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", "demo"],
+                          cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in rows]
