@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +49,24 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def run_bounded(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` that, on timeout, kills the command's whole process group: torchrun's ranks included."""
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"still running after {timeout} s: {' '.join(command)}\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_launcher(args: list[str], cwd: Path, timeout: int = 300, check: bool = True,
                  runner: list[str] | None = None) -> subprocess.CompletedProcess:
     """The real `run_downstream.py`, as a user runs it."""
     command = (runner or [sys.executable]) + [str(ROOT / "run_downstream.py"), *args]
-    result = subprocess.run(command, cwd=cwd, env=launcher_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    result = run_bounded(command, timeout, cwd=cwd, env=launcher_env())
     if check and result.returncode != 0:
         raise AssertionError(f"launcher failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
