@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adaltm_upstream.files import atomic_path
+
 
 @dataclass(frozen=True)
 class Fix:
@@ -132,8 +134,6 @@ def atomic_save(obj, path) -> None:
     if not isinstance(path, (str, os.PathLike)):
         torch.save(obj, path)
         return
-    from adaltm_upstream.files import atomic_path
-
     with atomic_path(path, suffix=".ckpt") as tmp:
         torch.save(obj, tmp)
 

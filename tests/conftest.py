@@ -49,6 +49,10 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+# Two local ranks on a free port, as users start DDP.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def run_bounded(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run` that, on timeout, kills the command's whole process group: torchrun's ranks included."""
     with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from adaltm_upstream.launcher import prepare_argv
-from tests.conftest import example_config, launcher_env, run_launcher, write_yaml
+from tests.conftest import TORCHRUN, example_config, launcher_env, run_launcher, write_yaml
 
 
 def load_states(path):
@@ -58,9 +58,8 @@ def test_stock_wavlm_local_on_example_trains_saves_and_resumes(tmp_path, tiny_un
 def test_torchrun_two_processes_gloo_really_distributed(tmp_path, tiny_unilm):
     config = write_yaml(tmp_path / "example.yaml", example_config(total_steps=2))
     expdir = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "example",
-                  "-c", str(config), "-p", str(expdir), "--device", "cpu"], cwd=tmp_path, runner=torchrun,
+                  "-c", str(config), "-p", str(expdir), "--device", "cpu"], cwd=tmp_path, runner=TORCHRUN,
                  timeout=400)
     ckpt = load_states(expdir / "states-2.ckpt")
     # s3prl records the world size only when a process group is initialised; DDP's constructor has

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from adaltm_upstream import adaltm_wavlm, task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint, unilm_key
 from adaltm_upstream.config import ConfigError
 from adaltm_upstream.groups import group_of
-from tests.conftest import launcher_env, run_bounded
+from tests.conftest import TORCHRUN, launcher_env, run_bounded
 
 WAVS = [torch.linspace(-1, 1, 9000).sin() * 0.4, torch.randn(14000, generator=torch.Generator().manual_seed(3))]
 
@@ -139,8 +138,8 @@ def test_config_errors_name_the_field(merge_setup, bad, field):
 
 def test_ddp_two_ranks_end_with_identical_lambdas(merge_setup, tmp_path):
     worker = Path(__file__).with_name("ddp_lambda_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-               str(merge_setup["base"]), str(merge_setup["asr"]), str(merge_setup["ser"]), str(tmp_path)]
+    command = [*TORCHRUN, str(worker), str(merge_setup["base"]), str(merge_setup["asr"]), str(merge_setup["ser"]),
+               str(tmp_path)]
     result = run_bounded(command, timeout=300, env=launcher_env())
     assert result.returncode == 0, result.stderr[-6000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
