@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import WavLMConfig
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 POS_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
 POS_V = "encoder.pos_conv_embed.conv.parametrizations.weight.original1"

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 GRANULARITIES = ("layerwise", "global", "static")
 HIDDEN_STATES = ("all", "transformer")

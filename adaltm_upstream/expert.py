@@ -24,11 +24,11 @@ from torch import nn
 from torch.distributed import get_rank, is_initialized
 from torch.nn.parallel import DistributedDataParallel
 
+from adaltm_core.errors import UserError
 from adaltm_upstream import task_vectors
 from adaltm_upstream.backbone import WavLMBackbone
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
 from adaltm_upstream.config import UpstreamConfig
-from adaltm_upstream.errors import UserError
 from adaltm_upstream.groups import partition
 from adaltm_upstream.merging import GroupedMerge
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from transformers import WavLMConfig, WavLMModel
 
-from adaltm_upstream import compat
+from adaltm_core.errors import UserError
+from adaltm_core.files import atomic_torch_save
 from adaltm_upstream.checkpoints import torch_load, unilm_cfg_from_hf, unilm_key
 from adaltm_upstream.config import load as load_config
-from adaltm_upstream.errors import UserError
 from adaltm_upstream.expert import AdaLTMUpstream
 
 FORMATS = ("hf", "s3prl")
@@ -29,7 +29,7 @@ def write_unilm_checkpoint(path: str | Path, config: WavLMConfig, normalize: boo
     unilm.setdefault("mask_emb", torch.zeros(config.hidden_size))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compat.atomic_save({"cfg": unilm_cfg_from_hf(config, normalize), "model": unilm, **extra}, path)
+    atomic_torch_save({"cfg": unilm_cfg_from_hf(config, normalize), "model": unilm, **extra}, path)
     return path
 
 

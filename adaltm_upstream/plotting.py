@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adaltm_core.errors import UserError
 from adaltm_upstream.checkpoints import torch_load
-from adaltm_upstream.errors import UserError
 
 
 def selected_checkpoint(expdir: str | Path) -> Path:

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adaltm_core.errors import UserError
+from adaltm_core.files import atomic_path
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
-from adaltm_upstream.errors import UserError
-from adaltm_upstream.files import atomic_path
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"

@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from adaltm_downstream.common.corpus import CLASSES
-from adaltm_upstream.demo_corpus import write_labels
+from adaltm_recipes.demo_corpus import write_labels
 
 LONG = {"A": "Angry", "C": "Contempt", "D": "Disgust", "F": "Fear", "H": "Happy", "N": "Neutral", "S": "Sad",
         "U": "Surprise", "O": "Other"}

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from adaltm_upstream import adaltm_wavlm, compat
+from adaltm_s3prl import compat
+from adaltm_upstream import adaltm_wavlm
 
 
 def main(base: str, asr: str, ser: str, out_dir: str) -> None:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from adaltm_downstream.common.ctc import BLANK, Vocabulary, error_rates, normalize_text
+from adaltm_s3prl.optimizers import get_DifferentialAdamW
 from adaltm_upstream import task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint
-from adaltm_upstream.optimizers import get_DifferentialAdamW
 from tests.conftest import ROOT, run_launcher, write_yaml
 
 

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from adaltm_upstream import compat
+from adaltm_s3prl import compat
 
 
 def test_fixes_are_idempotent():

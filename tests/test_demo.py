@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
-from adaltm_upstream.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
+from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
 from tests.conftest import ROOT, launcher_env
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
@@ -57,7 +57,7 @@ def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"  # given relative to the working directory, as `make demo`'s default is
-    done = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", "demo"],
+    done = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", "demo"],
                           cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((out / "results.json").read_text())
@@ -78,6 +78,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "lambdas.png").read_bytes()[:4] == b"\x89PNG"
     assert "rows in" in done.stdout
 
-    again = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "demo", "--quick", "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],
                            cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=200)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from adaltm_upstream.launcher import prepare_argv
+from adaltm_s3prl.launcher import prepare_argv
 from tests.conftest import TORCHRUN, example_config, launcher_env, run_launcher, write_yaml
 
 
@@ -18,7 +18,7 @@ def load_states(path):
 
 
 def test_hub_imports_and_lists_stock_upstreams():
-    code = ("from adaltm_upstream import compat, registration; compat.apply_all(); registration.register();"
+    code = ("from adaltm_s3prl import compat, registration; compat.apply_all(); registration.register();"
             "import s3prl.hub as h; names=[n for n in dir(h) if not n.startswith('_')];"
             "print(len(names), 'wavlm_local' in names, 'hubert_local' in names, 'wav2vec2_local' in names)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=launcher_env(),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from adaltm_core.settings import SettingsError, parse
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, CorpusError, CorpusSpec, load_corpus
 from adaltm_downstream.common.data import DataSettings, UtteranceDataset
-from adaltm_downstream.common.settings import SettingsError, parse
 from tests.conftest import run_launcher
 from tests.corpus_factory import tone, write_mini_msp
 

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from adaltm_upstream import cli, task_vectors
+from adaltm_cli import main as cli
+from adaltm_upstream import task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint
 from tests.conftest import write_unilm_checkpoint
 from tests.formats import write_hf_model, write_s3prl_states, write_vox_profile

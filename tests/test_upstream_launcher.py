@@ -49,7 +49,7 @@ def test_resume_restores_lambda_exactly(trained):
     root, _, expdir, _ = trained
     saved = torch_load(expdir / "states-4.ckpt")["Upstream"]["lambdas"]
     script = ("import sys, json\n"
-              "from adaltm_upstream import compat, registration\n"
+              "from adaltm_s3prl import compat, registration\n"
               "compat.apply_all(); registration.register()\n"
               f"sys.argv = ['run', '-m', 'evaluate', '-e', {str(expdir / 'states-4.ckpt')!r}, '--device', 'cpu']\n"
               "from s3prl import run_downstream\n"
@@ -90,7 +90,7 @@ def test_export_round_trip_through_stock_s3prl_and_transformers(trained, tmp_pat
         expected = ours(WAVS)["hidden_states"]
 
     for fmt, out in (("s3prl", tmp_path / "merged.pt"), ("hf", tmp_path / "merged_hf")):
-        done = subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "export", "-g", str(upstream_cfg),
+        done = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "export", "-g", str(upstream_cfg),
                                "--states", str(expdir / "states-4.ckpt"), "-o", str(out), "--format", fmt],
                               capture_output=True, text=True, env=launcher_env())
         assert done.returncode == 0, done.stderr
@@ -109,7 +109,7 @@ def test_export_round_trip_through_stock_s3prl_and_transformers(trained, tmp_pat
 def test_merged_upstream_runs_in_stock_s3prl_downstream_via_export(trained, tmp_path):
     root, upstream_cfg, expdir, _ = trained
     merged = tmp_path / "merged.pt"
-    subprocess.run([sys.executable, "-m", "adaltm_upstream.cli", "export", "-g", str(upstream_cfg), "--states",
+    subprocess.run([sys.executable, "-m", "adaltm_cli.main", "export", "-g", str(upstream_cfg), "--states",
                     str(expdir / "states-4.ckpt"), "-o", str(merged), "--format", "s3prl"], check=True,
                    capture_output=True, env=launcher_env())
     config = write_yaml(tmp_path / "example.yaml", example_config(total_steps=2))
@@ -119,7 +119,7 @@ def test_merged_upstream_runs_in_stock_s3prl_downstream_via_export(trained, tmp_
 
 
 def test_plot_lambdas_draws_the_figure(trained, tmp_path):
-    from adaltm_upstream.cli import main
+    from adaltm_cli.main import main
 
     root, _, expdir, _ = trained
     out = tmp_path / "lambdas.png"

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaltm_upstream.audio import AudioError, info
-from adaltm_upstream.errors import UserError
+from adaltm_core.audio import AudioError, info
+from adaltm_core.errors import UserError
 
 CLASSES = ("A", "C", "D", "F", "H", "N", "S", "U")
 CLASS_NAMES = ("anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaltm_core.settings import SettingsError
 from adaltm_downstream.common import reports
-from adaltm_downstream.common.settings import SettingsError
 
 BLANK = "<blank>"
 

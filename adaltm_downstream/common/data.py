@@ -11,10 +11,10 @@ import numpy as np
 from torch.distributed import get_rank, get_world_size, is_initialized
 from torch.utils.data import DataLoader, Dataset
 
+from adaltm_core.audio import load_mono_16k
+from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import CorpusSpec, Utterance, load_corpus
 from adaltm_downstream.common.sampler import BucketBatchSampler
-from adaltm_downstream.common.settings import SettingsError
-from adaltm_upstream.audio import load_mono_16k
 
 
 @dataclass

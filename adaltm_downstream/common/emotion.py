@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaltm_core.settings import SettingsError
 from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, Utterance
 from adaltm_downstream.common.heads import UtteranceClassifier
 from adaltm_downstream.common.losses import SoftCrossEntropy, class_balanced_weights
 from adaltm_downstream.common.metrics import emotion_metrics
-from adaltm_downstream.common.settings import SettingsError
 
 
 @dataclass

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from torch import nn
 
-from adaltm_downstream.common import reports, settings
+from adaltm_core import settings
+from adaltm_core.audio import load_mono_16k
+from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.data import DataSettings, make_loader
 from adaltm_downstream.common.heads import pad_features
 from adaltm_downstream.common.selection import BestCheckpoint
-from adaltm_upstream.audio import load_mono_16k
 
 
 class CorpusExpert(nn.Module):

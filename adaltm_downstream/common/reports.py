@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaltm_core.files import atomic_path
 from adaltm_downstream.common.corpus import CLASS_NAMES
-from adaltm_upstream.files import atomic_path
 
 
 def write_atomic(path: Path, text: str) -> None:

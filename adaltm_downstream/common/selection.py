@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaltm_downstream.common.settings import SettingsError
+from adaltm_core.settings import SettingsError
 
 LOWER_IS_BETTER = ("loss", "wer", "cer")
 HIGHER_IS_BETTER = ("uar", "macro_f1", "precision", "accuracy")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from adaltm_downstream.common import settings
+from adaltm_core import settings
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.data import DataSettings, make_loader

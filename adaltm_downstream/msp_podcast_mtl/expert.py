@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
-from adaltm_downstream.common.settings import SettingsError
 
 
 @dataclass

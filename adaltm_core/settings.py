@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 T = TypeVar("T")
 

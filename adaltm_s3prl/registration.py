@@ -21,8 +21,8 @@ def register() -> None:
     import s3prl.optimizers
     from s3prl.downstream.runner import Runner
 
+    from adaltm_s3prl.optimizers import S3PRL_OPTIMIZERS
     from adaltm_upstream.hubconf import adaltm_wavlm
-    from adaltm_upstream.optimizers import S3PRL_OPTIMIZERS
 
     s3prl.hub.adaltm_wavlm = adaltm_wavlm
     for name, factory in S3PRL_OPTIMIZERS.items():
@@ -55,7 +55,7 @@ def _layer_stack_when_asked(get_featurizer):
     def wrapped(runner):
         import importlib
 
-        from adaltm_downstream.common.layer_stack import LayerStack
+        from adaltm_s3prl.layer_stack import LayerStack
 
         expert = importlib.import_module(f"s3prl.downstream.{runner.args.downstream}.expert")
         if not getattr(expert.DownstreamExpert, "fuses_layers_itself", False):

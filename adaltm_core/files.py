@@ -23,3 +23,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """`torch.save` through `atomic_path`: an interrupted save never leaves a truncated checkpoint where a good one
+    was."""
+    import torch
+
+    with atomic_path(path, suffix=".ckpt") as tmp:
+        torch.save(obj, tmp)

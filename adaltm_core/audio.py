@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 SAMPLE_RATE = 16000
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 REGISTRY = Path(__file__).resolve().parent.parent / "adaltm_downstream"
 
@@ -105,7 +105,7 @@ class Demo:
                 raise UserError(f"{log}: stage {stage} failed: {type(error).__name__}: {error}") from error
 
     def _launch(self, argv: list[str]) -> None:
-        from adaltm_upstream import launcher
+        from adaltm_s3prl import launcher
 
         saved = sys.argv
         try:
@@ -153,7 +153,7 @@ class Demo:
 
     # -- stages --------------------------------------------------------------------------------------------
     def corpora(self) -> None:
-        from adaltm_upstream.demo_corpus import make_corpus
+        from adaltm_recipes.demo_corpus import make_corpus
 
         for root, sizes, ood in ((self.corpus, self.size.corpus, False), (self.ood, self.size.ood_corpus, True)):
             if not (root / "Labels" / "labels_consensus.csv").exists():
@@ -180,13 +180,13 @@ class Demo:
         return results
 
     def extract(self) -> None:
-        from adaltm_upstream import cli
+        from adaltm_upstream import task_vectors
 
         sources = {"asr_in": "finetune_asr_in_domain", "asr_out": "finetune_asr_out_of_domain", "ser": "finetune_ser"}
         for name, run in sources.items():
             if not self.vectors[name].exists():
-                cli.main(["task-vector", "extract", "--base", str(self.base), "--finetuned",
-                          str(self.out / "runs" / run / "dev-best.ckpt"), "-o", str(self.vectors[name])])
+                tensors, meta = task_vectors.extract(self.base, self.out / "runs" / run / "dev-best.ckpt")
+                task_vectors.save(self.vectors[name], tensors, meta)
 
     def rows(self) -> list[Row]:
         dual = {"asr": "asr_in", "ser": "ser"}

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from adaltm_core.errors import UserError
 from adaltm_upstream import task_vectors
-from adaltm_upstream.errors import UserError
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -69,7 +69,7 @@ def _plot_lambdas(args: argparse.Namespace) -> None:
 
 
 def _make_demo_corpus(args: argparse.Namespace) -> None:
-    from adaltm_upstream.demo_corpus import make_corpus
+    from adaltm_recipes.demo_corpus import make_corpus
 
     sizes = {"Train": args.train, "Development": args.dev, "Test1": args.test}
     root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain)
@@ -77,7 +77,7 @@ def _make_demo_corpus(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from adaltm_upstream.demo import run_demo
+    from adaltm_recipes.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed)
 

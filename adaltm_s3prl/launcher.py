@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from adaltm_upstream import compat, registration
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
+from adaltm_s3prl import compat, registration
 
 
 def _known_args(argv: list[str]) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 
 @dataclass(frozen=True)

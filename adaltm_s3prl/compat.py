@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaltm_upstream.files import atomic_path
+from adaltm_core.files import atomic_torch_save
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _torchaudio_load_via_soundfile() -> bool:
         return False
     except ImportError:
         pass
-    from adaltm_upstream import audio
+    from adaltm_core import audio
 
     def load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
              channels_first: bool = True, **_ignored):
@@ -129,13 +129,11 @@ def _weights_only_resume() -> bool:
 
 
 def atomic_save(obj, path) -> None:
-    """`torch.save` through a temporary file in the same directory and an atomic rename, so an interrupted
-    save never leaves a truncated checkpoint where a good one was."""
+    """The runner's `torch.save`, atomic for paths (file objects are written as s3prl wrote them)."""
     if not isinstance(path, (str, os.PathLike)):
         torch.save(obj, path)
         return
-    with atomic_path(path, suffix=".ckpt") as tmp:
-        torch.save(obj, tmp)
+    atomic_torch_save(obj, path)
 
 
 def _atomic_runner_checkpoints() -> bool:
