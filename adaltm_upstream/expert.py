@@ -6,12 +6,13 @@ weights from λ, `WavLMBackbone` runs them. Out: `hidden_states` for s3prl's wei
 What s3prl sees of it:
 - trainable parameters: λ only (`merge.coefficients`); everything frozen is a non-persistent buffer or a frozen
   parameter that DDP is told to ignore (never broadcast);
-- `state_dict()`: λ, the task names, the granularity and a fingerprint of base + vectors — never the frozen
-  tensors; `load_state_dict` refuses states whose fingerprint differs from the config's;
+- `state_dict()`: λ (`merge.coefficients`) and, as extra state, their full (groups × tasks) matrix, the task
+  names, the granularity and a fingerprint of base + vectors — never the frozen tensors; loading states whose
+  fingerprint, tasks or granularity differ from the config's is refused;
 - `train()`: the backbone stays in eval mode (frozen-backbone semantics: no dropout while λ trains), unless
   `merge.train_merged_weights` turns the merged weights into ordinary trainable parameters (MTL baseline
-  "static init"); its checkpoints then also carry every backbone weight as `weights.<canonical name>` (a full
-  model, ~1.3 GB for WavLM-Large, which `adaltm task-vector extract --finetuned` reads).
+  "static init"); its checkpoints then also carry every backbone weight as `backbone.model.<canonical name>` plus
+  the architecture (a full model, ~1.3 GB for WavLM-Large, which `adaltm task-vector extract --finetuned` reads).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.groups import partition
 from adaltm_upstream.merging import GroupedMerge
 
+STATES_FORMAT = "adaltm-states/2"
 LOG_EVERY = 20  # training forwards between two λ points in tensorboard
-VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class StatesMismatch(UserError):
@@ -65,13 +66,15 @@ class AdaLTMUpstream(nn.Module):
             base.state, [v.tensors for v in vectors], groups,
             init=[config.merge.init_for(t) for t in self.tasks], granularity=config.merge.granularity,
             frozen_groups=frozenset({0}) if config.speed.freeze_group0 else frozenset(),
-            vector_dtype=VECTOR_DTYPES[config.speed.vector_dtype],
+            vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype],
         )
         self.trains_weights = config.merge.train_merged_weights
         if self.trains_weights:
             self._become_trainable_weights()
         else:
             self._tie_backbone_to_base()
+            self.backbone.register_state_dict_post_hook(_drop_frozen_backbone)
+            self.register_load_state_dict_post_hook(_frozen_backbone_not_missing)
             frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
             frozen += [n for n, _ in self.named_buffers()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
@@ -104,30 +107,23 @@ class AdaLTMUpstream(nn.Module):
         return self
 
     # -- checkpoints: λ and a fingerprint, never the frozen tensors ------------------------------------------
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
-        state = {} if destination is None else destination
-        state[f"{prefix}lambdas"] = self.merge.lambdas().detach().cpu().clone()
-        state[f"{prefix}tasks"] = list(self.tasks)
-        state[f"{prefix}granularity"] = self.config.merge.granularity
-        state[f"{prefix}fingerprint"] = self.fingerprint
-        state[f"{prefix}log_step"] = self.log_step
+    def get_extra_state(self) -> dict:
+        state = {"format": STATES_FORMAT, "fingerprint": self.fingerprint, "tasks": list(self.tasks),
+                 "granularity": self.config.merge.granularity, "log_step": self.log_step}
         if self.trains_weights:
-            for name, tensor in self.backbone.model.state_dict(keep_vars=keep_vars).items():
-                state[f"{prefix}weights.{name}"] = tensor if keep_vars else tensor.detach()
+            state.update(architecture=self.backbone.config.to_dict(), normalize=self.backbone.normalize)
         return state
 
-    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
-        if state.get("fingerprint") != self.fingerprint or list(state.get("tasks", [])) != self.tasks:
+    def set_extra_state(self, state: dict) -> None:
+        """Runs before the children's states load, so a mismatch is refused before any λ changes."""
+        found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
+        expected = (self.fingerprint, self.tasks, self.config.merge.granularity)
+        if found != expected:
             raise StatesMismatch(
-                f"{self.config.source}: the checkpoint's λ were trained on another base or other task vectors "
-                f"(fingerprint {state.get('fingerprint')}, tasks {state.get('tasks')}; this config gives "
-                f"{self.fingerprint}, tasks {self.tasks})")
-        self.merge.set_lambdas(state["lambdas"])
+                f"{self.config.source}: the checkpoint's λ were trained on another base, other task vectors or "
+                f"another granularity (fingerprint {found[0]}, tasks {found[1]}, {found[2]}; this config gives "
+                f"{expected[0]}, tasks {expected[1]}, {expected[2]})")
         self.log_step = int(state.get("log_step", 0))
-        if self.trains_weights:
-            weights = {k[len("weights."):]: v for k, v in state.items() if k.startswith("weights.")}
-            self.backbone.model.load_state_dict(weights)
-        return nn.modules.module._IncompatibleKeys([], [])
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def lambdas(self) -> torch.Tensor:
@@ -139,7 +135,7 @@ class AdaLTMUpstream(nn.Module):
         with torch.no_grad():
             merged = self.merge() if self.merge.num_tasks and not self.trains_weights else {}
             return {name: merged.get(name, p).detach().clone()
-                    for name, p in self.backbone.model.state_dict(keep_vars=True).items()}
+                    for name, p in self.backbone.model.state_dict().items()}
 
     def attach_experiment(self, expdir: str) -> None:
         """Called by the launcher's runner hook so λ can be logged next to the runner's own tensorboard."""
@@ -161,25 +157,40 @@ class AdaLTMUpstream(nn.Module):
     def _become_trainable_weights(self) -> None:
         """MTL "static init": start from W_base + Σ λ τ and train every weight; the flat buffers are released."""
         with torch.no_grad():
-            merged = self.merge() if self.merge.num_tasks else {}
+            merged = self.merge() if self.merge.num_tasks else self.merge.base_views()
             for name, param in self.backbone.model.named_parameters():
                 param.data = merged[name].clone() if name in merged else param.data.clone()
-        for g in range(self.merge.num_groups):
-            setattr(self.merge, f"base_{g}", torch.zeros(0))
-            setattr(self.merge, f"tau_{g}", torch.zeros(0, 0))
-        self.merge._cache = None
+        self.merge.release()
         self.merge.requires_grad_(False)
         self.backbone.requires_grad_(True)
 
     def _tie_backbone_to_base(self) -> None:
         """Point the backbone's (frozen) parameters into the merge's flat base buffers: one copy of the base."""
         model = self.backbone.model
-        for g in range(self.merge.num_groups):
-            for name, view in self.merge.unflatten(g, self.merge.base(g)).items():
-                model.get_parameter(name).data = view
+        for name, view in self.merge.base_views().items():
+            model.get_parameter(name).data = view
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if not self.trains_weights:
             self._tie_backbone_to_base()
         return self
+
+
+def _drop_frozen_backbone(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook of a frozen backbone: its weights are the configured base, never checkpoint content."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
+def _frozen_backbone_not_missing(module: nn.Module, incompatible) -> None:
+    """load_state_dict hook: a frozen backbone's weights come from the config, so their absence is expected."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith("backbone.")]
+
+
+def read_lambdas(upstream_state: dict) -> tuple[list[str], torch.Tensor] | None:
+    """(tasks, λ as groups × tasks) from the `Upstream` entry of an `adaltm_wavlm` states checkpoint, or None."""
+    top, merge = upstream_state.get("_extra_state"), upstream_state.get("merge._extra_state")
+    if not isinstance(top, dict) or top.get("format") != STATES_FORMAT or not isinstance(merge, dict):
+        return None
+    return list(top["tasks"]), merge["lambdas"]

@@ -14,7 +14,9 @@ from transformers import WavLMConfig, WavLMModel
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_torch_save
-from adaltm_upstream.checkpoints import torch_load, unilm_cfg_from_hf, unilm_key
+from adaltm_upstream.checkpoints import torch_load
+from adaltm_upstream.checkpoints.architecture import unilm_cfg_from_hf
+from adaltm_upstream.checkpoints.keys import canonical_to_unilm
 from adaltm_upstream.config import load as load_config
 from adaltm_upstream.expert import AdaLTMUpstream
 
@@ -25,7 +27,7 @@ def write_unilm_checkpoint(path: str | Path, config: WavLMConfig, normalize: boo
                            **extra) -> Path:
     """Canonical weights as a microsoft/unilm `{'cfg', 'model'}` file (what s3prl's `wavlm_local` loads)."""
     layer_norm_cnn = config.feat_extract_norm == "layer"
-    unilm = {unilm_key(k, layer_norm_cnn): v.detach().contiguous() for k, v in state.items()}
+    unilm = {canonical_to_unilm(k, layer_norm_cnn): v.detach().contiguous() for k, v in state.items()}
     unilm.setdefault("mask_emb", torch.zeros(config.hidden_size))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,20 @@
 Each group's base weights live in one contiguous fp32 buffer and its task vectors in one (tasks × numel) buffer,
 so a merge is one `addmv` per group (25 for WavLM-Large) instead of ~500 per-tensor Python expressions, and every
 merged tensor is a view into its group's result. dL/dλ_t^(g) = ⟨dL/dW^(g), τ_t^(g)⟩ comes from autograd through
-`addmv`. Base and vectors are non-persistent buffers: they never reach a checkpoint.
+`addmv`. Base and vectors are non-persistent buffers: they never reach a checkpoint; λ (a parameter when trained)
+and their full (groups × tasks) matrix (extra state) do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+Granularity = Literal["layerwise", "global", "static"]
 
 
 @dataclass(frozen=True)
@@ -21,36 +26,41 @@ class Slot:
     numel: int
 
 
+def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One preallocated buffer filled tensor by tensor (a tensor missing from `tensors` stays zero), so the peak
+    is the buffer plus one source tensor, never a concatenated copy."""
+    flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype)
+    offset = 0
+    for slot in slots:
+        if slot.name in tensors:
+            flat[offset:offset + slot.numel].copy_(tensors[slot.name].reshape(-1))
+        offset += slot.numel
+    return flat
+
+
 class GroupedMerge(nn.Module):
-    def __init__(self, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
-                 groups: list[list[str]], init: list[float], granularity: str,
+    def __init__(self, base: Mapping[str, torch.Tensor], vectors: list[Mapping[str, torch.Tensor]],
+                 groups: list[list[str]], init: list[float], granularity: Granularity,
                  frozen_groups: frozenset[int] = frozenset(), vector_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if granularity not in ("layerwise", "global", "static"):
-            raise ValueError(f"granularity must be layerwise, global or static, got {granularity!r}")
         self.granularity = granularity
         self.num_groups, self.num_tasks = len(groups), len(vectors)
-        self.layout: list[list[Slot]] = []
-        for g, names in enumerate(groups):
-            slots = [Slot(n, tuple(base[n].shape), base[n].numel()) for n in names]
-            self.layout.append(slots)
-            flat_base = torch.cat([base[n].reshape(-1).float() for n in names]) if names else torch.zeros(0)
-            taus = [torch.cat([v[n].reshape(-1) if n in v else torch.zeros(s.numel) for n, s in zip(names, slots)])
-                    if names else torch.zeros(0) for v in vectors]
-            flat_tau = torch.stack(taus).to(vector_dtype) if taus else torch.zeros(0, flat_base.numel())
-            self.register_buffer(f"base_{g}", flat_base, persistent=False)
-            self.register_buffer(f"tau_{g}", flat_tau, persistent=False)
+        self.layout = [[Slot(n, tuple(base[n].shape), base[n].numel()) for n in names] for names in groups]
+        for g, slots in enumerate(self.layout):
+            self.register_buffer(f"base_{g}", _flat(slots, base, torch.float32), persistent=False)
+            tau = torch.zeros(self.num_tasks, sum(s.numel for s in slots), dtype=vector_dtype)
+            for t, vector in enumerate(vectors):
+                tau[t] = _flat(slots, vector, vector_dtype)
+            self.register_buffer(f"tau_{g}", tau, persistent=False)
 
         initial = torch.tensor(init, dtype=torch.float32).expand(self.num_groups, self.num_tasks).clone()
         self.frozen_groups = frozenset(frozen_groups) if granularity == "layerwise" else frozenset()
         self.trainable_groups = [g for g in range(self.num_groups) if g not in self.frozen_groups]
-        if granularity == "static" or self.num_tasks == 0:
-            self.register_buffer("fixed", initial, persistent=False)
-        elif granularity == "global":
+        self.register_buffer("fixed", initial, persistent=False)
+        if granularity == "global" and self.num_tasks:
             self.coefficients = nn.Parameter(initial[:1].clone())
-        else:
+        elif granularity == "layerwise" and self.num_tasks:
             self.coefficients = nn.Parameter(initial[self.trainable_groups].clone())
-            self.register_buffer("fixed", initial, persistent=False)
         self._cache: tuple | None = None
 
     @property
@@ -71,31 +81,44 @@ class GroupedMerge(nn.Module):
         return torch.stack(rows)
 
     def set_lambdas(self, values: torch.Tensor) -> None:
-        values = values.to(self.lambdas().device, torch.float32)
+        values = values.to(self.fixed.device, torch.float32)
         if tuple(values.shape) != (self.num_groups, self.num_tasks):
             raise ValueError(f"λ has shape {tuple(values.shape)}, expected {(self.num_groups, self.num_tasks)}")
         with torch.no_grad():
-            if not self.trainable:
-                self.fixed.copy_(values)
-            elif self.granularity == "global":
+            self.fixed.copy_(values)
+            if self.granularity == "global" and self.trainable:
                 self.coefficients.copy_(values[:1])
-            else:
+            elif self.trainable:
                 self.coefficients.copy_(values[self.trainable_groups])
-                self.fixed.copy_(values)
 
-    def base(self, g: int) -> torch.Tensor:
-        return getattr(self, f"base_{g}")
+    def get_extra_state(self) -> dict:
+        return {"granularity": self.granularity, "lambdas": self.lambdas().detach().cpu().clone()}
 
-    def tau(self, g: int) -> torch.Tensor:
-        return getattr(self, f"tau_{g}")
+    def set_extra_state(self, state: dict) -> None:
+        self.set_lambdas(state["lambdas"])
 
     def unflatten(self, g: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of group g's flat buffer, by canonical name and shape."""
         slots = self.layout[g]
         return {s.name: piece.view(s.shape) for s, piece in zip(slots, flat.split([s.numel for s in slots]))}
 
+    def base_views(self) -> dict[str, torch.Tensor]:
+        """The base weights by canonical name, as views into the flat buffers (no copy)."""
+        return {name: view for g in range(self.num_groups) for name, view in self.unflatten(g, self._base(g)).items()}
+
+    def release(self) -> None:
+        """Drop the flat buffers (after the merged weights were copied out, e.g. into trainable parameters)."""
+        for g in range(self.num_groups):
+            setattr(self, f"base_{g}", torch.zeros(0))
+            setattr(self, f"tau_{g}", torch.zeros(self.num_tasks, 0))
+        self.layout = [[] for _ in self.layout]
+        self._cache = None
+
+    def _base(self, g: int) -> torch.Tensor:
+        return getattr(self, f"base_{g}")
+
     def merge_group(self, g: int, lam: torch.Tensor) -> torch.Tensor:
-        base, tau = self.base(g), self.tau(g)
+        base, tau = self._base(g), getattr(self, f"tau_{g}")
         if self.num_tasks == 0 or base.numel() == 0:
             return base
         return torch.addmv(base, tau.t().to(base.dtype), lam.to(base.dtype))
@@ -105,8 +128,8 @@ class GroupedMerge(nn.Module):
         changes (an optimizer step bumps its version), so inference costs no merge at all."""
         key = None
         if not torch.is_grad_enabled() or not self.trainable:
-            key = (self.coefficients._version if self.trainable else None,
-                   self.fixed._version if hasattr(self, "fixed") else None, self.base(0).data_ptr())
+            key = (self.coefficients._version if self.trainable else None, self.fixed._version,
+                   self._base(0).data_ptr())
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         lambdas = self.lambdas()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaltm_core.errors import UserError
+from adaltm_upstream import expert
 from adaltm_upstream.checkpoints import torch_load
 
 
@@ -23,10 +24,11 @@ def selected_checkpoint(expdir: str | Path) -> Path:
 def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]]]:
     """(tasks, λ as groups × tasks) of an adaltm_wavlm run."""
     path = selected_checkpoint(expdir)
-    upstream = torch_load(path).get("Upstream") or {}
-    if "lambdas" not in upstream:
+    found = expert.read_lambdas(torch_load(path).get("Upstream") or {})
+    if found is None:
         raise UserError(f"{path}: no learned λ (not an adaltm_wavlm run with trainable λ)")
-    return list(upstream["tasks"]), upstream["lambdas"].tolist()
+    tasks, lambdas = found
+    return tasks, lambdas.tolist()
 
 
 def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | None = None) -> Path:

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_path
-from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
+from adaltm_upstream.checkpoints import load_checkpoint
+from adaltm_upstream.checkpoints.architecture import ARCHITECTURE_KEYS, architecture
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"
@@ -29,8 +30,6 @@ KEY_CONVENTION = ("transformers.WavLMModel state_dict keys; weight norm factored
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # A group (or vector) counts as zero when its norm is below this fraction of the base's norm.
 ZERO_RELATIVE = 1e-9
-_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
-              "conv_kernel", "conv_stride", "do_stable_layer_norm", "feat_extract_norm")
 
 
 class TaskVectorError(UserError):
@@ -59,10 +58,6 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def architecture(ckpt: Checkpoint) -> dict:
-    return {k: getattr(ckpt.config, k) for k in _ARCH_KEYS}
-
-
 def group_norms(tensors: dict[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
     return [math.sqrt(sum(float(tensors[n].double().pow(2).sum()) for n in names))
             for names in partition(tensors, num_layers, stable)]
@@ -71,8 +66,8 @@ def group_norms(tensors: dict[str, torch.Tensor], num_layers: int, stable: bool)
 def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
             dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict]:
     base, finetuned = load_checkpoint(base_path), load_checkpoint(finetuned_path)
-    arch_b, arch_f = architecture(base), architecture(finetuned)
-    differing = [k for k in _ARCH_KEYS if arch_b[k] != arch_f[k]]
+    arch_b, arch_f = architecture(base.config), architecture(finetuned.config)
+    differing = [k for k in ARCHITECTURE_KEYS if arch_b[k] != arch_f[k]]
     if differing:
         k = differing[0]
         raise TaskVectorError(f"{finetuned_path}: architecture differs from the base {base_path} "

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import WavLMForCTC, WavLMForSequenceClassification, WavLMModel
 
-from adaltm_upstream.checkpoints import Checkpoint, unilm_key
+from adaltm_upstream.checkpoints import Checkpoint
+from adaltm_upstream.checkpoints.keys import canonical_to_unilm
 
 
 def unilm_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     layer_norm_cnn = ckpt.config.feat_extract_norm == "layer"
-    return {unilm_key(k, layer_norm_cnn): v.clone() for k, v in ckpt.state.items()}
+    return {canonical_to_unilm(k, layer_norm_cnn): v.clone() for k, v in ckpt.state.items()}
 
 
 def write_hf_model(ckpt: Checkpoint, directory: Path, head: str | None = None, old_weight_norm: bool = False) -> Path:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adaltm_upstream import adaltm_wavlm, task_vectors
-from adaltm_upstream.checkpoints import load_checkpoint, unilm_key
+from adaltm_upstream.checkpoints import load_checkpoint
+from adaltm_upstream.checkpoints.keys import canonical_to_unilm
 from adaltm_upstream.config import ConfigError
 from adaltm_upstream.groups import group_of
 from tests.conftest import TORCHRUN, launcher_env, run_bounded
@@ -30,7 +31,7 @@ def hand_merged_s3prl(setup, coefficients: dict[str, float], tmp_path):
     raw = torch.load(setup["base"], weights_only=True)
     for task, lam in coefficients.items():
         for key, tau in task_vectors.load(setup[task]).tensors.items():
-            raw["model"][unilm_key(key, layer_norm_cnn=True)] += lam * tau
+            raw["model"][canonical_to_unilm(key, layer_norm_cnn=True)] += lam * tau
     path = tmp_path / "hand_merged.pt"
     torch.save(raw, path)
     return UpstreamExpert(str(path)).eval()
@@ -117,8 +118,14 @@ def test_state_dict_holds_only_lambdas_and_refuses_other_bases(merge_setup, tmp_
     with pytest.raises(Exception, match="another base"):
         adaltm_wavlm(ckpt=str(other_base), model_config={"base": "x", "task_vectors": {"asr": str(merge_setup["asr"])}})
     only_ser = make(merge_setup, tasks=("ser",))
-    with pytest.raises(Exception, match="trained on another base or other task vectors"):
+    with pytest.raises(Exception, match="trained on another base, other task vectors"):
         only_ser.load_state_dict(state)
+    as_global = make(merge_setup, granularity="global")
+    with pytest.raises(Exception, match="another granularity"):
+        as_global.load_state_dict(state)
+    assert not any(k.startswith("backbone.") for k in state)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # strict loading is honoured
+        restored.load_state_dict({**upstream.state_dict(), "stray": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -12,6 +12,7 @@ import yaml
 
 from adaltm_upstream import adaltm_wavlm
 from adaltm_upstream.checkpoints import torch_load
+from adaltm_upstream.expert import read_lambdas
 from tests.conftest import example_config, launcher_env, run_launcher, write_unilm_checkpoint, write_yaml
 
 WAVS = [torch.randn(11000, generator=torch.Generator().manual_seed(5)) * 0.3]
@@ -37,8 +38,12 @@ def test_training_moves_lambda_and_checkpoints_stay_small(trained):
     root, _, expdir, result = trained
     assert "enabling upstream training (-f)" in result.stderr
     upstream = torch_load(expdir / "states-4.ckpt")["Upstream"]
-    assert set(upstream) == {"lambdas", "tasks", "granularity", "fingerprint", "log_step"}
-    assert upstream["lambdas"].shape == (3, 2) and not torch.allclose(upstream["lambdas"], torch.full((3, 2), 0.5))
+    assert set(upstream) == {"merge.coefficients", "_extra_state", "merge._extra_state"}
+    extra = upstream["_extra_state"]
+    assert extra["tasks"] == ["asr", "ser"] and extra["granularity"] == "layerwise"
+    tasks, lambdas = read_lambdas(upstream)
+    assert lambdas.shape == (3, 2) and not torch.allclose(lambdas, torch.full((3, 2), 0.5))
+    assert torch.equal(upstream["merge.coefficients"], lambdas)
     assert (expdir / "states-4.ckpt").stat().st_size < 200_000
     events = list(expdir.glob("*.adaltm"))
     assert events and b"adaltm_lambda/ser/group_02" in events[0].read_bytes()
@@ -47,7 +52,7 @@ def test_training_moves_lambda_and_checkpoints_stay_small(trained):
 def test_resume_restores_lambda_exactly(trained):
     """`-e` goes through s3prl's Runner, which hands the saved Upstream state to our load_state_dict."""
     root, _, expdir, _ = trained
-    saved = torch_load(expdir / "states-4.ckpt")["Upstream"]["lambdas"]
+    saved = read_lambdas(torch_load(expdir / "states-4.ckpt")["Upstream"])[1]
     script = ("import sys, json\n"
               "from adaltm_s3prl import compat, registration\n"
               "compat.apply_all(); registration.register()\n"
@@ -63,7 +68,7 @@ def test_resume_restores_lambda_exactly(trained):
     torch.testing.assert_close(restored, saved, rtol=0, atol=0)
     # and training continues from there
     run_launcher(["-m", "train", "-e", str(expdir), "-o", "config.runner.total_steps=6"], cwd=root)
-    assert torch_load(expdir / "states-6.ckpt")["Upstream"]["log_step"] == 6
+    assert torch_load(expdir / "states-6.ckpt")["Upstream"]["_extra_state"]["log_step"] == 6
 
 
 def test_resume_refuses_a_changed_base(trained, tmp_path):

@@ -1,0 +1,34 @@
+"""transformers directories: `WavLMModel`, `WavLMForCTC`, `WavLMForSequenceClassification`, ... (`wavlm.` prefix
+and heads dropped). Waveform normalisation comes from `preprocessor_config.json` when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import WavLMConfig
+
+from adaltm_upstream.checkpoints.checkpoint import Checkpoint, CheckpointError
+from adaltm_upstream.checkpoints.formats.model_directory import read_json
+from adaltm_upstream.checkpoints.keys import map_hf
+
+
+def read(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> Checkpoint:
+    prefix = "wavlm." if any(k.startswith("wavlm.") for k in state) else ""
+    canonical, dropped = map_hf(state, prefix)
+    try:
+        config = WavLMConfig.from_dict({k: v for k, v in meta.items() if k != "architectures"})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: not a valid WavLM config ({error})") from None
+    config.apply_spec_augment, config.layerdrop = False, 0.0
+    return Checkpoint(str(path), "hf", config, _normalize(path, config), canonical, dropped)
+
+
+def _normalize(path: Path, config: WavLMConfig) -> bool:
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = read_json(preprocessor)
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{preprocessor}: expected a JSON object")
+        return bool(settings.get("do_normalize", True))
+    return config.feat_extract_norm == "layer"
