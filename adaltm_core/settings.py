@@ -1,11 +1,18 @@
-"""Typed downstream settings: a dataclass per config section, validated once, errors naming the key."""
+"""The one typed config parser: a dataclass per config section, validated once, every error naming the field.
+
+Both libraries describe their configs as dataclasses (the upstream's `-g` YAML, every downstream section) and
+build them with `parse`. Supported annotations: bool, int, float (finite), str, `Literal[...]` (choices), unions
+with None, `list`, `dict[K, V]`, and nested dataclasses. A dataclass may define `check(where)` for cross-field
+rules; fields with `metadata={"internal": True}` are not config keys (set by code, not by users).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from adaltm_core.errors import UserError
 
@@ -13,15 +20,20 @@ T = TypeVar("T")
 
 
 class SettingsError(UserError):
-    """A bad downstream config key; names it as `downstream_expert.<section>.<key>`."""
+    """A bad config value; the message names the key (and the file, where there is one)."""
 
 
 _SCALARS = {
     bool: ("true or false", lambda v: isinstance(v, bool)),
     int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
     str: ("a string", lambda v: isinstance(v, str)),
 }
+
+
+def key(where: str, name: str) -> str:
+    """`where` + one more key: `a.b` + `c` -> `a.b.c`; a file prefix `x.yaml: ` + `c` -> `x.yaml: c`."""
+    return f"{where}{name}" if not where or where.endswith(": ") else f"{where}.{name}"
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
@@ -39,14 +51,25 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             except SettingsError as error:
                 errors.append(str(error))
         raise SettingsError(errors[0])
-    if origin is dict:
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise SettingsError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise SettingsError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is list:
+        args = typing.get_args(annotation)
+        if not args:
+            return dict(value)
+        return {_coerce(where, k, args[0]): _coerce(key(where, str(k)), v, args[1]) for k, v in value.items()}
+    if origin is list or annotation is list:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{where}: expected a list, got {value!r}")
-        return list(value)
+        args = typing.get_args(annotation)
+        return [_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+    if dataclasses.is_dataclass(annotation):
+        return parse(annotation, value, where)
     if annotation in _SCALARS:
         expected, accepts = _SCALARS[annotation]
         if not accepts(value):
@@ -60,18 +83,19 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SettingsError(f"{where}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+        raise SettingsError(f"{where.rstrip(': ') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise SettingsError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(fields))})")
+        raise SettingsError(f"{where.rstrip(': ') or 'config'}: unknown key(s) {', '.join(unknown)} "
+                            f"(allowed: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, field in fields.items():
         if name in data:
-            values[name] = _coerce(f"{where}.{name}", data[name], hints[name])
+            values[name] = _coerce(key(where, name), data[name], hints[name])
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise SettingsError(f"{where}.{name}: missing")
+            raise SettingsError(f"{key(where, name)}: missing")
     settings = cls(**values)
     check = getattr(settings, "check", None)
     if check:

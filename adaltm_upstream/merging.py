@@ -141,4 +141,5 @@ class GroupedMerge(nn.Module):
             merged.update(self.unflatten(g, self.merge_group(g, lam)))
         if key is not None:
             self._cache = (key, {k: v.detach() for k, v in merged.items()})
+            return self._cache[1]
         return merged

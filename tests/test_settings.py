@@ -1,0 +1,45 @@
+"""The one config parser: types, choices, finiteness, nesting, unknown and missing keys, each naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from adaltm_core.settings import SettingsError, parse
+
+
+@dataclass
+class Inner:
+    mode: Literal["a", "b"] = "a"
+    rate: float = 1.0
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    weights: dict[str, float] = field(default_factory=dict)
+    steps: int | None = None
+
+
+def test_parses_nested_sections():
+    parsed = parse(Outer, {"name": "x", "inner": {"mode": "b", "rate": 2}, "weights": {"asr": 1}}, "cfg.yaml: ")
+    assert parsed == Outer("x", Inner("b", 2.0), {"asr": 1.0})
+    assert isinstance(parsed.inner.rate, float)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "x", "inner": {"mode": "c"}}, "cfg.yaml: inner.mode: must be one of a, b, got 'c'"),
+    ({"name": "x", "inner": {"rate": float("nan")}}, "cfg.yaml: inner.rate: expected a finite number"),
+    ({"name": "x", "weights": {"asr": float("inf")}}, "cfg.yaml: weights.asr: expected a finite number"),
+    ({"name": "x", "steps": True}, "cfg.yaml: steps: expected an integer"),
+    ({"name": "x", "inner": {"typo": 1}}, "cfg.yaml: inner: unknown key(s) typo"),
+    ({}, "cfg.yaml: name: missing"),
+    ([1], "cfg.yaml: expected a mapping"),
+])
+def test_errors_name_file_and_field(data, message):
+    with pytest.raises(SettingsError) as error:
+        parse(Outer, data, "cfg.yaml: ")
+    assert str(error.value).startswith(message)
