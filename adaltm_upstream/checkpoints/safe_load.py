@@ -1,28 +1,20 @@
-"""Loading files users hand us without executing anything: pickles with `weights_only=True`, safetensors."""
+"""Checkpoint files loaded without executing anything: pickles with `weights_only=True`, safetensors."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file as load_safetensors
 
+from adaltm_core import safe_load
 from adaltm_upstream.checkpoints.checkpoint import CheckpointError
 
 
 def torch_load(path: str | os.PathLike) -> object:
-    """`torch.load` with `weights_only=True`, allowing only the `argparse.Namespace` that s3prl states hold."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    """`adaltm_core.safe_load.torch_load`, failing with a `CheckpointError`."""
+    return safe_load.torch_load(path, CheckpointError)
 
 
 def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
