@@ -14,7 +14,13 @@ W = W_base + Σ_t λ_t τ'_t (one `addmv` per flat group buffer, `merging.Groupe
 
 Work is done one tensor name at a time (extra memory: one name's tensors across tasks), in fp32, and returned in
 each input's dtype. Shapes do not matter: the CNN, the weight-norm g/v of the positional convolution and 0-d
-tensors are treated like any other tensor. Sources of the definitions: /work/notes/merging-methods.md.
+tensors are treated like any other tensor.
+
+Definitions follow FusionBench (tanganke/fusion_bench@54c9e8c: method/ties_merging/ties_merging_utils.py,
+method/dare/utils.py, models/wrappers/layer_wise_fusion.py) and mergekit (arcee-ai/mergekit@a6e4028: sparsify.py,
+merge_methods/generalized_task_arithmetic.py). Where they differ or leave it open, the choices (per-tensor trim
+with ⌈k·n⌉ entries and all threshold ties kept; a zero sign sum resolved by the tensor's majority, then +1;
+rescale by 1/(1−p), not mergekit's L1 matching; per-tensor seeded streams) are made here for determinism.
 """
 
 from __future__ import annotations
@@ -176,9 +182,6 @@ def process(ops: VectorOps, vectors: Sequence[Mapping[str, torch.Tensor]],
             yield name, values
             continue
         present = [t for t, value in enumerate(values) if value is not None]
-        shapes = {tuple(values[t].shape) for t in present}
-        if len(shapes) > 1:
-            raise VectorOpsError(f"{name}: shapes differ between the tasks' vectors ({sorted(shapes)})")
         out: list[torch.Tensor | None] = list(values)
         for t in present:
             if ops.dare_p is not None:
