@@ -6,8 +6,8 @@ W = W_base + Σ_t λ_t τ'_t (one `addmv` per flat group buffer, `merging.Groupe
 - trimming keeps the top-k fraction of each tensor's entries by magnitude;
 - TIES: with the elected sign γ (sign of the summed, trimmed values: the side with more mass) and the agreeing set
   A = {t : sign(τ_t) = γ}, τ'_t = τ_t / |A| on A and 0 elsewhere. Then Σ_t τ'_t is TIES's disjoint mean, so equal
-  λ_t = λ reproduce TIES at scaling factor λ exactly; unequal (learned) λ_t weight each agreeing task's share.
-  `ties_aggregate: sum` leaves out the division (FusionBench's default `merge_func`);
+  λ_t = λ reproduce TIES at scaling factor λ (up to float rounding); unequal (learned) λ_t weight each agreeing
+  task's share. `ties_aggregate: sum` leaves out the division (FusionBench's default `merge_func`);
 - DARE drops each entry with probability p and rescales the survivors by 1/(1−p). Every tensor draws its mask from
   its own CPU generator seeded by (seed, task name, tensor name), so the mask is the same on every DDP rank, device,
   run, and order of tensors or tasks.

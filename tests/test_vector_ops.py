@@ -142,6 +142,19 @@ def test_dare_masks_are_fixed_by_seed_task_and_name_only():
             assert not torch.equal(masks[i], masks[j])
 
 
+def test_dare_masks_do_not_depend_on_the_thread_count():
+    """Ranks may run with different OMP_NUM_THREADS; a tensor large enough for parallel kernels draws the same."""
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            masks.append(vector_ops.dare(torch.ones(300_000), 0.5, vector_ops.dare_generator(0, "ser", "w")) != 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*masks)
+
+
 def test_dare_preserves_the_expectation():
     x, p = torch.full((200_000,), 0.5), 0.3
     out = vector_ops.dare(x, p, vector_ops.dare_generator(0, "asr", "big"))
