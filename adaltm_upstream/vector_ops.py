@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from adaltm_upstream.errors import UserError
+from adaltm_core.errors import UserError
 
 TIES_AGGREGATES = ("mean", "sum")
 NORMALIZATIONS = ("softmax", "sum")

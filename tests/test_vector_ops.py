@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from adaltm_core.errors import UserError
 from adaltm_upstream import vector_ops
 from adaltm_upstream.checkpoints import load_checkpoint
-from adaltm_upstream.errors import UserError
 from adaltm_upstream.groups import partition
 from adaltm_upstream.merging import GroupedMerge
 from adaltm_upstream.vector_ops import LambdaConstraints, VectorOps

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaltm_core.errors import UserError
+from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.heads import UtteranceClassifier, pad_features
-from adaltm_upstream.checkpoints import torch_load
-from adaltm_upstream.errors import UserError
 
 HEAD_PREFIX = "emotion.head."
 
