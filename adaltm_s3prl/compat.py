@@ -136,23 +136,44 @@ def atomic_save(obj, path) -> None:
     atomic_torch_save(obj, path)
 
 
+def _proxy(module: types.ModuleType, **overrides) -> types.ModuleType:
+    """A stand-in for `module` inside ONE s3prl module's namespace: `overrides` replace attributes, everything else
+    is the real module's. Other code, ours included, keeps seeing the real module."""
+
+    class Proxy(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+    proxy = Proxy(module.__name__)
+    proxy.__dict__.update(overrides, _adaltm_proxy=True)
+    return proxy
+
+
 def _atomic_runner_checkpoints() -> bool:
     """s3prl's runner writes `states-*.ckpt` and `dev-best.ckpt` with a plain `torch.save`; a crash mid-write
     destroys the previous best checkpoint. Only the runner's own `torch.save` is redirected."""
     from s3prl.downstream import runner
 
-    if getattr(runner.torch, "_adaltm_atomic", False):
+    if getattr(runner.torch, "_adaltm_proxy", False):
+        return False
+    runner.torch = _proxy(torch, save=atomic_save)
+    return True
+
+
+def _set_device_without_cuda() -> bool:
+    """s3prl's `main()` calls `torch.cuda.set_device(local_rank)` for every distributed run, which fails for CPU
+    (gloo) DDP on a machine without CUDA. In `run_downstream`'s namespace only, it is skipped when no CUDA device
+    exists; with CUDA it runs as before."""
+    from s3prl import run_downstream
+
+    if getattr(run_downstream.torch, "_adaltm_proxy", False):
         return False
 
-    class _TorchWithAtomicSave(types.ModuleType):
-        _adaltm_atomic = True
+    def set_device(device) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)
 
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    proxy = _TorchWithAtomicSave("torch")
-    proxy.save = atomic_save
-    runner.torch = proxy
+    run_downstream.torch = _proxy(torch, cuda=_proxy(torch.cuda, set_device=set_device))
     return True
 
 
@@ -249,6 +270,7 @@ LATE_FIXES: tuple[Fix, ...] = (
     Fix("DDP step counter", "ranks > 0 stop at total_steps", _ddp_non_leader_step_counter),
     Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
     Fix("hack_isinstance once", "several runs in one process", _hack_isinstance_once),
+    Fix("cuda.set_device without CUDA", "CPU (gloo) DDP under torchrun", _set_device_without_cuda),
 )
 
 
@@ -257,9 +279,3 @@ def apply_all() -> list[str]:
     applied = [fix.name for fix in FIXES if fix.apply()]
     applied += [fix.name for fix in LATE_FIXES if fix.apply()]
     return applied
-
-
-def allow_cpu_distributed() -> None:
-    """s3prl assumes DDP means CUDA: `main()` calls `torch.cuda.set_device(local_rank)`, which fails for
-    `--device cpu` with the gloo backend. Called by the launcher only when the run is distributed on the CPU."""
-    torch.cuda.set_device = lambda _device: None

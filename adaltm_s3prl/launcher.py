@@ -10,6 +10,7 @@ The command line is s3prl's; before handing over to `s3prl.run_downstream.main()
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ import torch
 
 from adaltm_core.errors import UserError
 from adaltm_s3prl import compat, registration
+
+LOG = logging.getLogger("adaltm")
 
 
 def _known_args(argv: list[str]) -> argparse.Namespace:
@@ -69,19 +72,13 @@ def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], li
     return argv, notices
 
 
-def is_distributed_cpu(argv: list[str]) -> bool:
-    known = _known_args(argv)
-    return known.local_rank is not None and known.device == "cpu"
-
-
 def main(argv: list[str] | None = None) -> None:
     argv, notices = prepare_argv(list(sys.argv[1:] if argv is None else argv), os.environ)
     for line in notices:
         print(f"[adaltm] {line}", file=sys.stderr)
-    compat.apply_all()
+    applied = compat.apply_all()
+    LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
     registration.register()
-    if is_distributed_cpu(argv):
-        compat.allow_cpu_distributed()
 
     from s3prl import run_downstream
 

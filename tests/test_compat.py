@@ -53,3 +53,26 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
         compat.atomic_save({"x": Unpicklable()}, target)
     assert torch.load(target, weights_only=True)["x"].sum() == 2  # the good checkpoint survived
     assert [p.name for p in tmp_path.iterdir()] == ["states-1.ckpt"]
+
+
+def test_set_device_is_scoped_to_s3prls_main():
+    """Only `run_downstream`'s view of torch.cuda.set_device changes; the process keeps the real one."""
+    compat.apply_all()
+    from s3prl import run_downstream
+
+    assert torch.cuda.set_device.__module__ == "torch.cuda"
+    assert run_downstream.torch.cuda.set_device is not torch.cuda.set_device
+    assert run_downstream.torch.distributed is torch.distributed
+    if not torch.cuda.is_available():
+        run_downstream.torch.cuda.set_device(1)  # a no-op instead of "no CUDA"
+
+
+def test_launcher_logs_the_applied_fixes_at_debug_level(caplog):
+    import logging
+
+    from adaltm_s3prl import launcher
+
+    with caplog.at_level(logging.DEBUG, logger="adaltm"):
+        with pytest.raises(SystemExit):
+            launcher.main(["--help"])
+    assert any("compatibility fixes applied" in r.getMessage() for r in caplog.records)
