@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +23,10 @@ import yaml
 from tqdm import tqdm
 
 from adaltm_core.errors import UserError
+from adaltm_s3prl.registration import packaged_config
 
-REGISTRY = Path(__file__).resolve().parent.parent / "adaltm_downstream"
+# The paper's setups as users run them: the Table-1 configs of configs/upstream/, with the demo's files swapped in.
+UPSTREAM_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "upstream"
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,35 @@ QUICK = Size({"Train": 160, "Development": 48, "Test1": 64}, {"Train": 100, "Dev
 EMOTION_HEAD = {"emotion": {"projector_dim": 128, "hidden_dim": 128}}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
     name: str
-    run: str                              # experiment directory name under runs/
+    run: str                              # experiment directory under runs/; rows sharing one run share its result
+    setup: str                            # configs/upstream/<setup>.yaml
     downstream: str = "msp_podcast_cat"
-    upstream: dict | None = None          # adaltm_wavlm config; None = row reuses `run` of another row
-    wer: bool = False
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def wer(self) -> bool:
+        return self.downstream != "msp_podcast_cat"
+
+
+# Table 1, in the paper's order.
+ROWS = (
+    Row("MTL (fully trainable)", "mtl_full", "mtl_from_base", "msp_podcast_mtl"),
+    Row("MTL w/ static init (W_base + 0.5ΔW)", "mtl_static_init", "mtl_static_init", "msp_podcast_mtl"),
+    Row("Setup 1: Baseline (frozen backbone)", "setup1_baseline", "baseline"),
+    Row("Setup 2: ASR-only vector", "setup2_asr_only", "asr_only"),
+    Row("Setup 3: SER-only vector", "setup3_ser_only", "ser_only"),
+    Row("Setup 4: Dual-vector (proposed)", "dual_layerwise", "dual_layerwise"),
+    Row("Out-of-domain dual vectors", "dual_out_of_domain", "dual_out_of_domain"),
+    Row("Static global merging (λ = 0.5)", "dual_static", "dual_static"),
+    Row("Adaptive global merging", "dual_global", "dual_global"),
+    Row("Adaptive layer-wise merging (ours)", "dual_layerwise", "dual_layerwise"),
+    Row("HarmoniFuse (fine-tuned backbone)", "harmonifuse", "mtl_from_base", "harmonifuse"),
+)
+# Task-vector file name (as the Table-1 configs name them) -> the fine-tuning run it is extracted from.
+SOURCES = {"asr_in_domain": "finetune_asr_in_domain", "asr_out_of_domain": "finetune_asr_out_of_domain",
+           "ser": "finetune_ser"}
 
 
 def _base_config() -> dict:
@@ -87,7 +110,7 @@ class Demo:
             (out / sub).mkdir(parents=True, exist_ok=True)
         self.corpus, self.ood = out / "corpus" / "MSP-Podcast", out / "corpus" / "ood-asr"
         self.base = out / "base_wavlm_tiny.pt"
-        self.vectors = {name: out / "vectors" / f"{name}.safetensors" for name in ("asr_in", "asr_out", "ser")}
+        self.vectors = {name: out / "vectors" / f"{name}.safetensors" for name in SOURCES}
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _logged(self, stage: str, function, *args) -> None:
@@ -114,7 +137,7 @@ class Demo:
             sys.argv = saved
 
     def _config(self, name: str, downstream: str, steps: int, datarc: dict, **sections) -> Path:
-        packaged = yaml.safe_load((REGISTRY / downstream / "config.yaml").read_text())
+        packaged = yaml.safe_load(packaged_config(downstream).read_text())
         packaged["runner"].update(total_steps=steps, eval_step=max(1, steps // 3), save_step=max(1, steps // 3),
                                   log_step=max(1, steps // 6), max_keep=1)
         packaged["optimizer"] = {"name": "DifferentialAdamW", "lr": 2e-3, "upstream_lr": 1e-3, "lambda_lr": 2e-2,
@@ -133,10 +156,14 @@ class Demo:
         path.write_text(yaml.safe_dump(packaged, sort_keys=False))
         return path
 
-    def _upstream(self, name: str, vectors: dict[str, str], **merge) -> Path:
-        config = {"base": str(self.base), "task_vectors": {t: str(self.vectors[v]) for t, v in vectors.items()},
-                  "merge": {"granularity": "layerwise", "init": 0.5, **merge}, "hidden_states": "transformer"}
-        path = self.out / "configs" / f"upstream_{name}.yaml"
+    def _upstream(self, setup: str) -> Path:
+        """configs/upstream/<setup>.yaml with the demo's base and vectors: a vector file is matched by its name
+        (`/vectors/ser.safetensors` -> this demo's `vectors/ser.safetensors`); everything else is the paper's."""
+        config = yaml.safe_load((UPSTREAM_CONFIGS / f"{setup}.yaml").read_text())
+        config["base"] = str(self.base)
+        config["task_vectors"] = {task: str(self.vectors[Path(path).stem])
+                                  for task, path in (config.get("task_vectors") or {}).items()}
+        path = self.out / "configs" / f"upstream_{setup}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
@@ -164,54 +191,32 @@ class Demo:
     def finetune(self) -> dict:
         """The three fine-tuned models. A random tiny base has no useful CNN, so unlike s3prl's wavlm (whose CNN
         stays frozen) the whole model is trained: adaltm_wavlm with no vectors and trainable weights."""
-        local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("finetune", {}, granularity="static",
-                                                                  train_merged_weights=True))]
+        local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("mtl_from_base"))]
         asr = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
-        results = {
-            "asr_in": self._train_and_test("finetune_asr_in_domain", local, "msp_podcast_asr", self._config(
-                "finetune_asr_in_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.corpus)}, **asr)),
-            "asr_out": self._train_and_test("finetune_asr_out_of_domain", local, "msp_podcast_asr", self._config(
-                "finetune_asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.ood)}, **asr),
-                test_root=self.corpus),
-            "ser": self._train_and_test("finetune_ser", local, "msp_podcast_cat", self._config(
-                "finetune_ser", "msp_podcast_cat", self.size.finetune_steps,
-                {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD)),
+
+        def train(name: str, downstream: str, steps: int, datarc: dict, test_root: Path | None = None, **sections):
+            run = SOURCES[name]
+            config = self._config(run, downstream, steps, datarc, **sections)
+            return self._train_and_test(run, local, downstream, config, test_root=test_root)
+
+        return {
+            "asr_in_domain": train("asr_in_domain", "msp_podcast_asr", self.size.asr_steps,
+                                   {"root": str(self.corpus)}, **asr),
+            "asr_out_of_domain": train("asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps,
+                                       {"root": str(self.ood)}, test_root=self.corpus, **asr),
+            "ser": train("ser", "msp_podcast_cat", self.size.finetune_steps,
+                         {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD),
         }
-        return results
 
     def extract(self) -> None:
         from adaltm_upstream import task_vectors
 
-        sources = {"asr_in": "finetune_asr_in_domain", "asr_out": "finetune_asr_out_of_domain", "ser": "finetune_ser"}
-        for name, run in sources.items():
+        for name, run in SOURCES.items():
             if not self.vectors[name].exists():
                 tensors, meta = task_vectors.extract(self.base, self.out / "runs" / run / "dev-best.ckpt")
                 task_vectors.save(self.vectors[name], tensors, meta)
 
-    def rows(self) -> list[Row]:
-        dual = {"asr": "asr_in", "ser": "ser"}
-        return [
-            Row("MTL (fully trainable)", "mtl_full", "msp_podcast_mtl",
-                {"vectors": {}, "granularity": "static", "train_merged_weights": True}, wer=True),
-            Row("MTL w/ static init (W_base + 0.5ΔW)", "mtl_static_init", "msp_podcast_mtl",
-                {"vectors": dual, "granularity": "static", "train_merged_weights": True}, wer=True),
-            Row("Setup 1: Baseline (frozen backbone)", "setup1_baseline", upstream={"vectors": {},
-                                                                                    "granularity": "static"}),
-            Row("Setup 2: ASR-only vector", "setup2_asr_only", upstream={"vectors": {"asr": "asr_in"}}),
-            Row("Setup 3: SER-only vector", "setup3_ser_only", upstream={"vectors": {"ser": "ser"}}),
-            Row("Setup 4: Dual-vector (proposed)", "dual_layerwise", upstream={"vectors": dual}),
-            Row("Out-of-domain dual vectors", "dual_out_of_domain",
-                upstream={"vectors": {"asr": "asr_out", "ser": "ser"}}),
-            Row("Static global merging (λ = 0.5)", "dual_static", upstream={"vectors": dual, "granularity": "static"}),
-            Row("Adaptive global merging", "dual_global", upstream={"vectors": dual, "granularity": "global"}),
-            Row("Adaptive layer-wise merging (ours)", "dual_layerwise"),
-            Row("HarmoniFuse (fine-tuned backbone)", "harmonifuse", "harmonifuse",
-                {"vectors": {}, "granularity": "static", "train_merged_weights": True}, wer=True),
-        ]
-
     def run_row(self, row: Row) -> dict:
-        spec = dict(row.upstream)
-        upstream = self._upstream(row.run, spec.pop("vectors"), **spec)
         datarc = {"root": str(self.corpus), "require_transcript": row.downstream != "msp_podcast_cat"}
         extra = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}} if row.wer else {}
         extra.update(EMOTION_HEAD)
@@ -220,7 +225,8 @@ class Demo:
         # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
         steps = self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
         config = self._config(row.run, row.downstream, steps, datarc, **extra)
-        return self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(upstream)], row.downstream, config)
+        return self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
+                                    row.downstream, config)
 
     def lambdas_figure(self) -> Path:
         from adaltm_upstream.plotting import plot_lambdas
@@ -262,8 +268,7 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
     started = time.time()
     logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
     demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
-    rows = demo.rows()
-    stages = 4 + sum(1 for r in rows if r.upstream is not None)
+    stages = 4 + len({row.run for row in ROWS})
     bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)
     metrics_by_run: dict[str, dict] = {}
 
@@ -277,13 +282,13 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
     step("corpora", demo.corpora)
     finetuned = step("finetune", demo.finetune)
     step("extract", demo.extract)
-    results = [_row_result("ASR model, in-domain (fine-tuned on the corpus)", finetuned["asr_in"], True),
-               _row_result("ASR model, out-of-domain (LibriSpeech role)", finetuned["asr_out"], True),
+    results = [_row_result("ASR model, in-domain (fine-tuned on the corpus)", finetuned["asr_in_domain"], True),
+               _row_result("ASR model, out-of-domain (LibriSpeech role)", finetuned["asr_out_of_domain"], True),
                _row_result("SER model (fine-tuned)", finetuned["ser"], False)]
     for r in results:
         tqdm.write(_line(r), file=sys.stderr)
-    for row in rows:
-        if row.upstream is not None:
+    for row in ROWS:
+        if row.run not in metrics_by_run:
             metrics_by_run[row.run] = step(row.run, demo.run_row, row)
         result = _row_result(row.name, metrics_by_run[row.run], row.wer)
         results.append(result)

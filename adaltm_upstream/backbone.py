@@ -16,6 +16,7 @@ ever being registered in it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import WavLMConfig, WavLMModel
 
 from adaltm_upstream.checkpoints import Checkpoint
+
+HiddenStates = Literal["all", "transformer"]
 
 
 @dataclass
@@ -56,10 +59,8 @@ def sdpa_attention(attention: nn.Module, x: torch.Tensor, key_valid: torch.Tenso
 
 
 class WavLMBackbone(nn.Module):
-    def __init__(self, config: WavLMConfig, normalize: bool, hidden_states: str = "all", sdpa: bool = True):
+    def __init__(self, config: WavLMConfig, normalize: bool, hidden_states: HiddenStates = "all", sdpa: bool = True):
         super().__init__()
-        if hidden_states not in ("all", "transformer"):
-            raise ValueError(f"hidden_states must be 'all' or 'transformer', got {hidden_states!r}")
         config.apply_spec_augment = False
         config.layerdrop = 0.0
         self.model = WavLMModel(config)
@@ -68,7 +69,7 @@ class WavLMBackbone(nn.Module):
         self.sdpa = sdpa
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, hidden_states: str = "all", sdpa: bool = True) -> WavLMBackbone:
+    def from_checkpoint(cls, ckpt: Checkpoint, hidden_states: HiddenStates = "all", sdpa: bool = True) -> WavLMBackbone:
         backbone = cls(ckpt.config, ckpt.normalize, hidden_states, sdpa)
         backbone.model.load_state_dict(ckpt.state, strict=False)
         return backbone
