@@ -16,7 +16,7 @@ from torch import nn
 
 from adaltm_downstream.common import reports, settings
 from adaltm_downstream.common.corpus import Utterance
-from adaltm_downstream.common.data import DataSettings, make_loader
+from adaltm_downstream.common.data import DataSettings, make_loader, shape_waveform, waveform_statistics
 from adaltm_downstream.common.heads import pad_features
 from adaltm_downstream.common.selection import BestCheckpoint
 from adaltm_upstream.audio import load_mono_16k
@@ -42,6 +42,8 @@ class CorpusExpert(nn.Module):
         self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
         self.expdir.mkdir(parents=True, exist_ok=True)
         self.utterances = self.datarc.load_splits(self.needs_transcripts)
+        self.waveform_stats = (waveform_statistics(self.utterances["train"], self.expdir / "train_waveform_stats.json")
+                               if self.datarc.normalise == "train_global" else None)
         self.build(upstream_dim)
 
     # -- to implement ----------------------------------------------------------------------------------------
@@ -68,11 +70,11 @@ class CorpusExpert(nn.Module):
             self.datarc.split_set(split)  # raises, naming the configured splits
         train = split == "train"
         return make_loader(self.select(utterances, train), self.fields, self.datarc, train, epoch,
-                           f"{self.name} {split}")
+                           f"{self.name} {split}", self.waveform_stats)
 
     def load_audio(self, path):
-        """s3prl's `-m inference` reads the file through this (any rate, any channel count)."""
-        return load_mono_16k(path)
+        """s3prl's `-m inference` reads the file through this (any rate, any channel count), shaped as in training."""
+        return shape_waveform(load_mono_16k(path), self.datarc.max_seconds, self.waveform_stats)
 
     def inference(self, features, filenames):
         """`-m inference -t FILE`: prints and writes `inference.tsv` in the experiment directory."""
