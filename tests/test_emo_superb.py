@@ -19,6 +19,7 @@ from adaltm_downstream.common.data import DataSettings, UtteranceDataset, wavefo
 from adaltm_downstream.common.losses import consensus_weights
 from adaltm_downstream.common.metrics import emo_superb_f1, emo_superb_f1_whole_set
 from adaltm_downstream.common.settings import parse
+from adaltm_upstream.cli import main
 from tests.conftest import ROOT, run_launcher, write_yaml
 from tests.corpus_factory import tone
 
@@ -188,3 +189,7 @@ def test_preset_trains_and_evaluates_through_the_launcher(tmp_path, tree, merge_
              for f, s in facts["split"].items() if s == "Train"]
     assert stats["mean"] == pytest.approx(np.concatenate(train).mean(), abs=1e-9) and stats["files"] == 12
     assert math.isfinite(metrics["loss"]) and (expdir / "dev-best.ckpt").exists()
+    assert files == sorted(files)  # unbucketed evaluation in EMO-SUPERB's order
+    table = tmp_path / "table.md"
+    main(["table", str(expdir), "-o", str(table)])
+    assert "| asr+ser vectors, layerwise λ | " in table.read_text()  # the row is named from the -g config

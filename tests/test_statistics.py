@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import confidence_intervals  # the oracle: a test dependency (pyproject's `test` extra, pinned in constraints.txt)
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
@@ -15,8 +16,6 @@ from adaltm_downstream.common.corpus import CLASSES
 from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask
 from adaltm_downstream.common.statistics import bootstrap_intervals, paired_differences
 from adaltm_upstream.cli import main
-
-confidence_intervals = pytest.importorskip("confidence_intervals")  # the test extra; pinned in constraints.txt
 
 SKLEARN = {"uar": recall_score, "precision": precision_score, "macro_f1": f1_score}
 RESAMPLES = 200  # the package calls scikit-learn once per resample: keep it quick

@@ -136,14 +136,16 @@ def _emotion_columns(spec: CorpusSpec, header: list[str]) -> dict[str, str]:
 
 
 def _read_emo_superb(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
-    """Soft labels are taken as the file gives them (EMO-SUPERB thresholds and trains on them unrenormalised)."""
+    """Soft labels are taken as the file gives them (EMO-SUPERB thresholds and trains on them unrenormalised);
+    utterances sorted by file name, the order of its split lists (so unbucketed evaluation batches are its own)."""
     if spec.labels_csv is None:
         raise CorpusError("datarc.labels_csv: required when datarc.layout is emo_superb")
-    rows = _read_csv(spec.labels_csv, ("FileName", "Split_Set"))
+    rows = sorted(enumerate(_read_csv(spec.labels_csv, ("FileName", "Split_Set")), start=2),
+                  key=lambda numbered: numbered[1]["FileName"])
     with open(spec.labels_csv, newline="", encoding="utf-8-sig") as handle:
         columns = _emotion_columns(spec, next(csv.reader(handle)))
     utterances = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             values = [float(row[columns[c]]) for c in CLASSES]
         except ValueError:

@@ -20,7 +20,7 @@ from adaltm_downstream.common.statistics import UNITS, Difference, paired_differ
 from adaltm_upstream.errors import UserError
 
 SHOWN = ("uar", "precision", "macro_f1")
-HEADERS = {"uar": "UAR", "precision": "Precision", "macro_f1": "Macro-F1", "wer": "WER"}
+HEADERS = {"uar": "UAR", "precision": "Precision", "macro_f1": "Macro-F1", "accuracy": "Accuracy", "wer": "WER"}
 FORMATS = {".md": "md", ".csv": "csv", ".tex": "tex"}
 
 
