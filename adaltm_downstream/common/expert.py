@@ -39,7 +39,7 @@ class CorpusExpert(nn.Module):
             allowed = ", ".join(["datarc", *self.sections, "selection"])
             raise settings.SettingsError(f"downstream_expert: unknown key(s) {', '.join(sorted(config))} "
                                          f"(allowed: {allowed})")
-        self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
+        self.expdir = Path(expdir)
         self.expdir.mkdir(parents=True, exist_ok=True)
         self.utterances = self.datarc.load_splits(self.needs_transcripts)
         self.waveform_stats = (waveform_statistics(self.utterances["train"], self.expdir / "train_waveform_stats.json")

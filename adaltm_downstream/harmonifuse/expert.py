@@ -68,7 +68,7 @@ class DownstreamExpert(nn.Module):
         if config:
             raise settings.SettingsError(f"{where}: unknown key(s) {', '.join(sorted(config))} (allowed: ser_data, "
                                          "asr_data, fusion, emotion, asr, selection)")
-        self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
+        self.expdir = Path(expdir)
         self.utterances = {task: self.data[task].load_splits(needs_transcripts=task == "asr") for task in TASKS}
 
         self.fusion = PromptAdaptiveFusion(list(TASKS), upstream_dim, self.fusion_settings.prompt_dim,
