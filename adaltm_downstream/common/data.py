@@ -85,6 +85,9 @@ def waveform_statistics(utterances: list[Utterance], cache: Path) -> tuple[float
         if stored.get("fingerprint") == fingerprint:
             return stored["mean"], stored["std"]
 
+    print(f"[datarc] normalise: train_global: reading {len(utterances)} training files once for their mean and std "
+          f"(cached in {cache})", file=sys.stderr)
+
     def sums(utt: Utterance) -> tuple[int, float, float]:
         wav = load_mono_16k(utt.path).double()
         return wav.numel(), float(wav.sum()), float((wav * wav).sum())
