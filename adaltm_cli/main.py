@@ -82,6 +82,38 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick, seed=args.seed)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from adaltm_downstream.common import results
+
+    a, b = results.load_run(args.run_a, args.split), results.load_run(args.run_b, args.split)
+    differences = results.compare_runs(a, b, args.resamples, args.by)
+    if args.json:
+        print(json.dumps({m: vars(d) | {"significant": d.significant} for m, d in differences.items()}, indent=1))
+    else:
+        print(results.describe_comparison(a, b, differences, args.resamples, args.by))
+
+
+def _table(args: argparse.Namespace) -> None:
+    from adaltm_downstream.common import results
+
+    fmt = results.format_of(args.output, args.format)
+    runs = [results.load_run(r, args.split) for r in args.runs]
+    reference = results.load_run(args.reference, args.split) if args.reference else None
+    text = results.render(results.table_rows(runs, reference, args.resamples, args.by), fmt)
+    if fmt == "md":
+        text += "\n" + results.legend(reference, args.resamples, args.by) + "\n"
+    with open(args.output, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(text, end="")
+
+
+def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="test", help="which {split}_metrics.json / _predictions.tsv to read")
+    parser.add_argument("--by", choices=["utterance", "speaker"], default="utterance",
+                        help="resample utterances, or speakers (SpkrID) and then their utterances")
+    parser.add_argument("--resamples", type=int, default=1000)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--out-of-domain", action="store_true",
                         help="the out-of-domain ASR corpus: neutral prosody, other voices and sentences")
     corpus.set_defaults(run=_make_demo_corpus)
+
+    compare = commands.add_parser("compare", help="paired bootstrap difference of two runs on the same test set")
+    compare.add_argument("run_a", help="experiment directory of run A (evaluated on --split)")
+    compare.add_argument("run_b", help="experiment directory of run B")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_bootstrap_options(compare)
+    compare.set_defaults(run=_compare)
+
+    table = commands.add_parser("table", help="Table 1 from finished runs (Markdown, CSV or LaTeX)")
+    table.add_argument("runs", nargs="+", help="experiment directories, one row each, in this order")
+    table.add_argument("-o", "--output", required=True, help="table.md, table.csv or table.tex")
+    table.add_argument("--format", choices=["md", "csv", "tex"], help="overrides the output suffix")
+    table.add_argument("--reference", help="mark (†) where a row differs significantly from this run")
+    _add_bootstrap_options(table)
+    table.set_defaults(run=_table)
 
     demo = commands.add_parser("demo", help="the whole paper end to end on the demo corpus and a tiny WavLM")
     demo.add_argument("--out", default="results/demo")

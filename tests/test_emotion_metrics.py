@@ -17,33 +17,20 @@ from adaltm_downstream.common.sampler import BucketBatchSampler
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_metrics_agree_with_sklearn_with_missing_classes(seed):
     rng = np.random.default_rng(seed)
-    labels = rng.choice([0, 1, 2, 4, 5, 7], size=300)          # classes 3 and 6 never present
+    labels = rng.choice([0, 1, 2, 4, 5, 7], size=300)          # classes 3 and 6 never in the reference
     logits = rng.normal(size=(300, 8))
     logits[:, 2] -= 10                                           # class 2 never predicted
     logits[labels == 5, 5] += 2                                  # some signal
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     predictions = probabilities.argmax(axis=1)
-    present = sorted(set(labels))
-    got = emotion_metrics(labels, probabilities, resamples=1000, seed=seed)
-    assert got["uar"] == pytest.approx(recall_score(labels, predictions, labels=present, average="macro"))
-    assert got["precision"] == pytest.approx(precision_score(labels, predictions, labels=present, average="macro",
-                                                             zero_division=0))
-    assert got["macro_f1"] == pytest.approx(f1_score(labels, predictions, labels=present, average="macro",
-                                                     zero_division=0))
+    assert {3, 6} <= set(predictions)                            # macro over reference ∪ predicted classes
+    got = emotion_metrics(labels, probabilities)
+    assert got["uar"] == pytest.approx(recall_score(labels, predictions, average="macro", zero_division=0))
+    assert got["precision"] == pytest.approx(precision_score(labels, predictions, average="macro", zero_division=0))
+    assert got["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro", zero_division=0))
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, predictions))
     assert got["per_class_recall"][3] is None and got["per_class_recall"][2] == 0.0
     assert np.asarray(got["confusion"]).sum() == 300
-    for metric in ("uar", "precision", "macro_f1", "accuracy"):
-        lo, hi = got["ci95"][metric]
-        assert lo <= got[metric] <= hi and hi - lo < 0.3
-
-
-def test_emo_superb_f1_is_the_thresholded_multilabel_f1():
-    soft = np.array([[0.5, 0.5, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0]])
-    probabilities = np.array([[0.6, 0.1, 0.3] + [0] * 5, [0, 0, 1.0] + [0] * 5])
-    got = emotion_metrics([0, 2], probabilities, soft_labels=soft)["emo_superb_f1"]
-    expected = f1_score(soft >= 1 / 8, probabilities >= 1 / 8, average="macro", zero_division=0)
-    assert got == pytest.approx(expected)
 
 
 def test_class_balanced_loss_matches_hand_computation():

@@ -119,16 +119,17 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     run_launcher(["-m", "evaluate", "-e", str(expdir / "dev-best.ckpt"), "-t", "test"], cwd=tmp_path)
 
     rows = (expdir / "test_predictions.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["file", "label", "pred"] + [f"p_{k}" for k in range(8)]
+    assert rows[0].split("\t") == ["file", "label", "pred"] + [f"p_{k}" for k in range(8)] + ["speaker"]
     evaluable = [c for c in facts["rows"]["Test1"] if c in CLASSES]
     assert len(rows) - 1 == len(evaluable)
     for row in rows[1:]:
         fields = row.split("\t")
-        probabilities = [float(v) for v in fields[3:]]
+        probabilities = [float(v) for v in fields[3:11]]
         assert int(fields[2]) == int(np.argmax(probabilities)) and sum(probabilities) == pytest.approx(1, abs=1e-4)
     metrics = json.loads((expdir / "test_metrics.json").read_text())
     assert metrics["test_set"] == "Test1" and metrics["classes"] == list(CLASSES) and metrics["n"] == len(evaluable)
-    assert {"uar", "precision", "macro_f1", "accuracy", "loss", "ci95", "confusion", "emo_superb_f1"} <= set(metrics)
+    assert {"uar", "precision", "macro_f1", "accuracy", "loss", "ci95", "confusion", "emo_superb_f1",
+            "emo_superb_f1_whole_set"} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in ("uar", "precision", "macro_f1", "accuracy"))
     assert np.asarray(metrics["confusion"]).shape == (8, 8) and (expdir / "test_confusion.png").exists()
 

@@ -112,30 +112,50 @@ def _read_msp(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
     return utterances
 
 
+# Columns of EMO-SUPERB's label files that are not emotions (its CSVs: FileName, <emotions>, EmoAct, EmoVal, EmoDom,
+# SpkrID, Gender, Split_Set).
+EMO_SUPERB_METADATA = ("FileName", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set", "EmoClass")
+
+
+def _emotion_columns(spec: CorpusSpec, header: list[str]) -> dict[str, str]:
+    """Class code -> column; refuses anything but the 8 classes (EMO-SUPERB's Secondary task has 16)."""
+    emotions = [c for c in header if c.strip() not in EMO_SUPERB_METADATA and c.strip().lower() != "other"]
+    columns = {VOTE_NAMES.get(c.strip().lower()): c for c in emotions}
+    extra = [c for c in emotions if VOTE_NAMES.get(c.strip().lower()) not in CLASSES]
+    if extra:
+        raise CorpusError(f"{spec.labels_csv}: {len(emotions)} emotion columns, among them {', '.join(extra)}: "
+                          "this is not the 8-class Primary task (EMO-SUPERB's Secondary task has 16 classes), and "
+                          "only the 8 classes A C D F H N S U are supported; point datarc.labels_csv at the Primary "
+                          "folder's labels_consensus_<fold>.csv")
+    missing = [c for c in CLASSES if c not in columns]
+    if missing:
+        raise CorpusError(f"{spec.labels_csv}: no column for class(es) {', '.join(missing)}; expected one column "
+                          f"per emotion (angry, contempt, disgust, fear, happy, neutral, sad, surprise), "
+                          f"found {header}")
+    return columns
+
+
 def _read_emo_superb(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
+    """Soft labels are taken as the file gives them (EMO-SUPERB thresholds and trains on them unrenormalised);
+    utterances sorted by file name, the order of its split lists (so unbucketed evaluation batches are its own)."""
     if spec.labels_csv is None:
         raise CorpusError("datarc.labels_csv: required when datarc.layout is emo_superb")
-    rows = _read_csv(spec.labels_csv, ("FileName", "Split_Set"))
-    columns = {}
-    for name in rows[0] if rows else []:
-        code = VOTE_NAMES.get(name.strip().lower())
-        if code in CLASSES:
-            columns[code] = name
-    if set(columns) != set(CLASSES):
-        raise CorpusError(f"{spec.labels_csv}: expected one column per emotion "
-                          f"(angry, contempt, disgust, fear, happy, neutral, sad, surprise), found {list(rows[0])}")
+    rows = sorted(enumerate(_read_csv(spec.labels_csv, ("FileName", "Split_Set")), start=2),
+                  key=lambda numbered: numbered[1]["FileName"])
+    with open(spec.labels_csv, newline="", encoding="utf-8-sig") as handle:
+        columns = _emotion_columns(spec, next(csv.reader(handle)))
     utterances = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             values = [float(row[columns[c]]) for c in CLASSES]
         except ValueError:
             problems.append(f"{spec.labels_csv}:{line}: non-numeric soft label for {row['FileName']}")
             continue
-        total = sum(values)
-        soft = [v / total for v in values] if total > 0 else None
-        consensus = CLASSES[max(range(len(CLASSES)), key=values.__getitem__)] if total > 0 else "X"
+        usable = sum(values) > 0
+        consensus = CLASSES[max(range(len(CLASSES)), key=values.__getitem__)] if usable else "X"
         utterances.append(Utterance(row["FileName"], spec.root / spec.audio_dir / row["FileName"],
-                                    row["Split_Set"].strip(), row.get("SpkrID", "").strip(), consensus, soft))
+                                    row["Split_Set"].strip(), row.get("SpkrID", "").strip(), consensus,
+                                    values if usable else None))
     return utterances
 
 
@@ -159,25 +179,39 @@ def _probe(utt: Utterance) -> str | None:
     return None
 
 
-def load_corpus(spec: CorpusSpec, splits: list[str]) -> dict[str, list[Utterance]]:
+def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None = None) -> dict[str, list[Utterance]]:
     """Utterances of the requested Split_Set values, audio headers checked; raises one CorpusError listing
-    every missing/unreadable/empty file and every unknown label."""
+    every missing/unreadable/empty file and every unknown label. `keys`: Split_Set -> the config key naming it."""
     if not spec.root.is_dir():
         raise CorpusError(f"datarc.root: {spec.root} is not a directory")
     problems: list[str] = []
     utterances = _read_msp(spec, problems) if spec.layout == "msp" else _read_emo_superb(spec, problems)
+    _check_splits(spec, utterances, splits, keys or {})
     _attach_transcripts(spec, utterances)
     wanted = [u for u in utterances if u.split in splits]
     if spec.require_transcript:
         wanted = [u for u in wanted if u.transcript]
+        untranscribed = [s for s in splits if not any(u.split == s for u in wanted)]
+        if untranscribed:
+            raise CorpusError(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
+                              f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
+                              "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
+                              "-o config.downstream_expert.datarc.require_transcript=False")
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
         problems += [p for p in pool.map(_probe, wanted) if p]
     if problems:
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         raise CorpusError(f"{spec.root}: {len(problems)} problem(s) in the corpus:\n  " + "\n  ".join(shown))
-    by_split = {s: [u for u in wanted if u.split == s] for s in splits}
-    empty = [s for s, items in by_split.items() if not items]
-    if empty:
-        raise CorpusError(f"{spec.root}: no utterances for Split_Set {', '.join(empty)} "
-                          f"(present: {', '.join(sorted({u.split for u in utterances}))})")
-    return by_split
+    return {s: [u for u in wanted if u.split == s] for s in splits}
+
+
+def _check_splits(spec: CorpusSpec, utterances: list[Utterance], splits: list[str], keys: dict[str, str]) -> None:
+    present = sorted({u.split for u in utterances})
+    absent = [s for s in splits if s not in present]
+    if absent:
+        source = spec.labels_csv if spec.layout == "emo_superb" else spec.root / "Labels" / "labels_consensus.csv"
+        fixes = ", ".join(f"{keys.get(s, 'datarc.splits')} (now {s})" for s in absent)
+        similar = next((p for p in present if p[:4].lower() == absent[0][:4].lower()), present[0] if present else "")
+        raise CorpusError(f"{source}: no Split_Set {', '.join(absent)} (present: {', '.join(present)}); set {fixes} "
+                          f"to one of the present names, e.g. -o config.downstream_expert."
+                          f"{keys.get(absent[0], 'datarc.splits.test')}={similar}")

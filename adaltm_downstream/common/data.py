@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.distributed import get_rank, get_world_size, is_initialized
 from torch.utils.data import DataLoader, Dataset
 
-from adaltm_core.audio import load_mono_16k
+from adaltm_core.audio import SAMPLE_RATE, load_mono_16k
+from adaltm_core.files import atomic_path
 from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import CorpusSpec, Utterance, load_corpus
 from adaltm_downstream.common.sampler import BucketBatchSampler
+
+NORMALISATIONS = ("none", "train_global")
 
 
 @dataclass
@@ -22,11 +29,13 @@ class DataSettings:
     """`downstream_expert.datarc`."""
     root: str
     layout: str = "msp"                    # msp (the release) | emo_superb (its label CSV)
-    labels_csv: str | None = None          # emo_superb only: labels_consensus_<fold>.csv
+    labels_csv: str | None = None          # emo_superb only: labels_consensus_<fold>.csv (relative: under root)
     splits: dict = field(default_factory=lambda: {"train": "Train", "dev": "Development", "test": "Test1"})
     require_transcript: bool = False       # the paper keeps only utterances with a human transcript
     soft_labels: bool = True               # annotators' votes (labels_detailed.csv); else consensus one-hot
     crop_seconds: float | None = None      # random crop of longer training utterances
+    max_seconds: float | None = None       # keep the first N seconds of every utterance, in every split
+    normalise: str = "none"                # none | train_global: (x − mean)/(std + 1e-6), training-set statistics
     batch_size: int | None = 32            # utterances per training batch ...
     batch_seconds: float | None = None     # ... or padded seconds per training batch (then batch_size: null)
     eval_batch_size: int = 32
@@ -39,19 +48,24 @@ class DataSettings:
             raise SettingsError(f"{where}.layout: must be msp or emo_superb, got {self.layout!r}")
         if (self.batch_size is None) == (self.batch_seconds is None):
             raise SettingsError(f"{where}.batch_size / batch_seconds: give exactly one (the other null)")
+        if self.normalise not in NORMALISATIONS:
+            raise SettingsError(f"{where}.normalise: must be none or train_global, got {self.normalise!r}")
+        if self.crop_seconds is not None and self.max_seconds is not None:
+            raise SettingsError(f"{where}.crop_seconds / max_seconds: give at most one (the other null)")
         missing = [k for k in ("train", "dev") if k not in self.splits]
         if missing:
             raise SettingsError(f"{where}.splits: needs the keys train and dev (missing {missing})")
 
     def corpus(self) -> CorpusSpec:
-        return CorpusSpec(Path(self.root), self.layout, Path(self.labels_csv) if self.labels_csv else None,
-                          self.require_transcript, self.soft_labels)
+        labels = None if self.labels_csv is None else Path(self.root) / self.labels_csv  # relative: under root
+        return CorpusSpec(Path(self.root), self.layout, labels, self.require_transcript, self.soft_labels)
 
     def load_splits(self, needs_transcripts: bool = False) -> dict[str, list[Utterance]]:
         """The validated corpus, by s3prl split name (train, dev, test, ...)."""
         spec = self.corpus()
         spec.require_transcript = spec.require_transcript or needs_transcripts
-        corpus = load_corpus(spec, sorted(set(self.splits.values())))
+        keys = {split_set: f"datarc.splits.{name}" for name, split_set in self.splits.items()}
+        corpus = load_corpus(spec, sorted(set(self.splits.values())), keys)
         return {name: corpus[split_set] for name, split_set in self.splits.items()}
 
     def split_set(self, split: str) -> str:
@@ -62,19 +76,55 @@ class DataSettings:
         return self.splits[split]
 
 
+def waveform_statistics(utterances: list[Utterance], cache: Path) -> tuple[float, float]:
+    """Global mean and standard deviation of every sample of the (full-length) training waveforms, as EMO-SUPERB
+    normalises (its `get_norm_stat_for_wav`; summed here in float64). Cached in `cache`, keyed by the file list."""
+    fingerprint = hashlib.sha1("\n".join(sorted(u.file for u in utterances)).encode()).hexdigest()
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            return stored["mean"], stored["std"]
+
+    print(f"[datarc] normalise: train_global: reading {len(utterances)} training files once for their mean and std "
+          f"(cached in {cache})", file=sys.stderr)
+
+    def sums(utt: Utterance) -> tuple[int, float, float]:
+        wav = load_mono_16k(utt.path).double()
+        return wav.numel(), float(wav.sum()), float((wav * wav).sum())
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        count, total, squares = (sum(column) for column in zip(*pool.map(sums, utterances)))
+    mean = total / count
+    std = float(np.sqrt(max(squares / count - mean * mean, 0.0)))
+    with atomic_path(cache) as tmp:
+        Path(tmp).write_text(json.dumps({"mean": mean, "std": std, "samples": count, "files": len(utterances),
+                                         "fingerprint": fingerprint}, indent=1) + "\n")
+    return mean, std
+
+
+def shape_waveform(wav: torch.Tensor, max_seconds: float | None, stats: tuple[float, float] | None) -> torch.Tensor:
+    """EMO-SUPERB's input: the first `max_seconds`, then (x − mean)/(std + 1e-6) (its WavSet.__getitem__)."""
+    if max_seconds is not None:
+        wav = wav[:int(max_seconds * SAMPLE_RATE)]
+    return wav if stats is None else (wav - stats[0]) / (stats[1] + 1e-6)
+
+
 class UtteranceDataset(Dataset):
-    """Item i: (16 kHz mono waveform, *fields(utterance))."""
+    """Item i: (16 kHz mono waveform, *fields(utterance)); optionally cut to its first `max_seconds` and
+    standardised with `stats` = (mean, std)."""
 
     def __init__(self, utterances: list[Utterance], fields: Callable[[Utterance], tuple],
-                 crop_seconds: float | None = None):
+                 crop_seconds: float | None = None, max_seconds: float | None = None,
+                 stats: tuple[float, float] | None = None):
         self.utterances, self.fields, self.crop_seconds = utterances, fields, crop_seconds
+        self.max_seconds, self.stats = max_seconds, stats
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def __getitem__(self, index: int):
         utt = self.utterances[index]
-        wav = load_mono_16k(utt.path, crop_seconds=self.crop_seconds)
+        wav = shape_waveform(load_mono_16k(utt.path, crop_seconds=self.crop_seconds), self.max_seconds, self.stats)
         return (wav.numpy().astype(np.float32), *self.fields(utt))
 
     @staticmethod
@@ -83,9 +133,14 @@ class UtteranceDataset(Dataset):
 
 
 def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple], settings: DataSettings,
-                train: bool, epoch: int = 0, name: str = "") -> DataLoader:
+                train: bool, epoch: int = 0, name: str = "", stats: tuple[float, float] | None = None) -> DataLoader:
+    """`stats`: the training set's (mean, std), required when `settings.normalise` is train_global."""
+    if settings.normalise != "none" and stats is None:
+        raise SettingsError(f"downstream_expert.datarc.normalise: {settings.normalise} is not supported by {name}; "
+                            "set it to none")
     rank, world = (get_rank(), get_world_size()) if train and is_initialized() else (0, 1)
     seconds = [min(u.seconds, settings.crop_seconds or u.seconds) if train else u.seconds for u in utterances]
+    seconds = [min(s, settings.max_seconds or s) for s in seconds]
     sampler = BucketBatchSampler(
         seconds, batch_size=settings.batch_size if train else settings.eval_batch_size,
         batch_seconds=settings.batch_seconds if train else None, shuffle=train, seed=settings.seed,
@@ -94,6 +149,7 @@ def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple
     if rank == 0:
         print(f"[{name}] {len(utterances)} utterances, {len(sampler)} batches, "
               f"{100 * sampler.padded_fraction():.1f} % padded frames", file=sys.stderr)
-    dataset = UtteranceDataset(utterances, fields, settings.crop_seconds if train else None)
+    dataset = UtteranceDataset(utterances, fields, settings.crop_seconds if train else None, settings.max_seconds,
+                               stats if settings.normalise != "none" else None)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers,
                       collate_fn=UtteranceDataset.collate, persistent_workers=False)

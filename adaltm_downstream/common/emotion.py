@@ -16,8 +16,9 @@ from adaltm_core.settings import SettingsError
 from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, Utterance
 from adaltm_downstream.common.heads import UtteranceClassifier
-from adaltm_downstream.common.losses import SoftCrossEntropy, class_balanced_weights
-from adaltm_downstream.common.metrics import emotion_metrics
+from adaltm_downstream.common.losses import SoftCrossEntropy, class_balanced_weights, consensus_weights
+from adaltm_downstream.common.metrics import emo_superb_f1, emo_superb_f1_whole_set, emotion_metrics
+from adaltm_downstream.common.statistics import UNITS, bootstrap_intervals
 
 
 @dataclass
@@ -27,12 +28,22 @@ class EmotionSettings:
     hidden_dim: int = 0
     dropout: float = 0.0
     loss: str = "class_balanced"      # class_balanced (the paper) | cross_entropy
+    class_weights: str = "soft"       # n_k from soft labels > 1/K (EMO-SUPERB) | consensus (hard) label counts
     train_on_unagreed: bool = False   # also train on X/O utterances through their soft labels (EMO-SUPERB)
     bootstrap: int = 1000             # resamples for the 95 % intervals
+    intervals: str = "utterance"      # resample utterances, or speakers (SpkrID) and then their utterances
+    emo_superb_eval_batch_size: int = 32  # EMO-SUPERB's eval_batch_size: the batches its F1 is averaged over
 
     def check(self, where: str) -> None:
         if self.loss not in ("class_balanced", "cross_entropy"):
             raise SettingsError(f"{where}.loss: must be class_balanced or cross_entropy, got {self.loss!r}")
+        if self.class_weights not in ("soft", "consensus"):
+            raise SettingsError(f"{where}.class_weights: must be soft or consensus, got {self.class_weights!r}")
+        if self.intervals not in UNITS:
+            raise SettingsError(f"{where}.intervals: must be utterance or speaker, got {self.intervals!r}")
+        if self.emo_superb_eval_batch_size < 1:
+            raise SettingsError(f"{where}.emo_superb_eval_batch_size: must be positive, "
+                                f"got {self.emo_superb_eval_batch_size}")
         if self.bootstrap < 1000:
             raise SettingsError(f"{where}.bootstrap: at least 1000 resamples, got {self.bootstrap}")
 
@@ -41,12 +52,21 @@ def emotion_fields(utt: Utterance) -> tuple:
     return utt.target(), -1 if utt.label is None else utt.label, utt.file
 
 
+def speakers_of(splits: dict[str, list[Utterance]]) -> dict[str, str]:
+    """File name -> SpkrID over every split (empty where the labels name no speaker)."""
+    return {u.file: u.speaker for utterances in splits.values() for u in utterances}
+
+
 class EmotionTask(nn.Module):
     def __init__(self, input_dim: int, settings: EmotionSettings, train: list[Utterance]):
         super().__init__()
         self.settings = settings
-        targets = torch.tensor([u.target() for u in train], dtype=torch.float32)
-        weights = class_balanced_weights(targets) if settings.loss == "class_balanced" else None
+        weights = None
+        if settings.loss == "class_balanced" and settings.class_weights == "soft":
+            weights = class_balanced_weights(torch.tensor([u.target() for u in train], dtype=torch.float32))
+        elif settings.loss == "class_balanced":
+            labels = torch.tensor([u.label for u in train if u.label is not None], dtype=torch.int64)
+            weights = consensus_weights(labels, len(CLASSES))
         self.head = UtteranceClassifier(input_dim, len(CLASSES), settings.projector_dim, settings.hidden_dim,
                                         settings.dropout)
         self.objective = SoftCrossEntropy(weights)
@@ -76,16 +96,33 @@ class EmotionTask(nn.Module):
         probabilities = torch.softmax(self.head(padded, valid).float(), dim=-1)
         return [f"{CLASS_NAMES[int(p.argmax())]}\t" + " ".join(f"{v:.4f}" for v in p.tolist()) for p in probabilities]
 
-    def evaluate(self, records, test_set: str, seed: int) -> dict:
-        probabilities = np.asarray(records["probabilities"])
-        metrics = emotion_metrics(records["labels"], probabilities, np.asarray(records["targets"]),
-                                  resamples=self.settings.bootstrap, seed=seed)
+    def evaluate(self, records, test_set: str, speakers: dict[str, str]) -> dict:
+        """Metrics with 95 % intervals; `speakers`: file -> SpkrID, used when `intervals: speaker`."""
+        probabilities, files = np.asarray(records["probabilities"]), list(records["files"])
+        metrics = emotion_metrics(records["labels"], probabilities)
+        groups = None
+        if self.settings.intervals == "speaker":
+            unknown = [f for f in files if not speakers.get(f)]
+            if unknown:
+                raise SettingsError(f"downstream_expert.emotion.intervals: speaker needs a SpkrID for every "
+                                    f"utterance; {len(unknown)} of {test_set} have none in the labels (e.g. "
+                                    f"{unknown[0]}): set intervals: utterance")
+            groups = [speakers[f] for f in files]
+        size = self.settings.emo_superb_eval_batch_size
         return {**metrics, "loss": float(np.mean(records["emotion_loss"])), "test_set": test_set,
-                "classes": list(CLASSES)}
+                "classes": list(CLASSES),
+                "ci95": bootstrap_intervals(records["labels"], probabilities.argmax(axis=1), len(CLASSES),
+                                            self.settings.bootstrap, groups),
+                "intervals": {"unit": self.settings.intervals, "resamples": self.settings.bootstrap,
+                              "method": "percentile, confidence-intervals 0.0.3 resampling"},
+                "emo_superb_f1": emo_superb_f1(files, records["targets"], probabilities, size),
+                "emo_superb_eval_batch_size": size,
+                "emo_superb_f1_whole_set": emo_superb_f1_whole_set(records["targets"], probabilities)}
 
     @staticmethod
-    def write(expdir: Path, split: str, records, metrics: dict) -> None:
+    def write(expdir: Path, split: str, records, metrics: dict, speakers: dict[str, str]) -> None:
         reports.write_predictions(expdir / f"{split}_predictions.tsv", records["files"], records["labels"],
-                                  np.asarray(records["probabilities"]))
+                                  np.asarray(records["probabilities"]),
+                                  [speakers.get(f, "") for f in records["files"]])
         reports.plot_confusion(expdir / f"{split}_confusion.png", metrics["confusion"],
                                f"{split} ({metrics['test_set']}): UAR {metrics['uar']:.3f}")

@@ -18,7 +18,7 @@ from adaltm_core import settings
 from adaltm_core.audio import load_mono_16k
 from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import Utterance
-from adaltm_downstream.common.data import DataSettings, make_loader
+from adaltm_downstream.common.data import DataSettings, make_loader, shape_waveform, waveform_statistics
 from adaltm_downstream.common.heads import pad_features
 from adaltm_downstream.common.selection import BestCheckpoint
 
@@ -40,9 +40,11 @@ class CorpusExpert(nn.Module):
             allowed = ", ".join(["datarc", *self.sections, "selection"])
             raise settings.SettingsError(f"downstream_expert: unknown key(s) {', '.join(sorted(config))} "
                                          f"(allowed: {allowed})")
-        self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
+        self.expdir = Path(expdir)
         self.expdir.mkdir(parents=True, exist_ok=True)
         self.utterances = self.datarc.load_splits(self.needs_transcripts)
+        self.waveform_stats = (waveform_statistics(self.utterances["train"], self.expdir / "train_waveform_stats.json")
+                               if self.datarc.normalise == "train_global" else None)
         self.build(upstream_dim)
 
     # -- to implement ----------------------------------------------------------------------------------------
@@ -69,11 +71,11 @@ class CorpusExpert(nn.Module):
             self.datarc.split_set(split)  # raises, naming the configured splits
         train = split == "train"
         return make_loader(self.select(utterances, train), self.fields, self.datarc, train, epoch,
-                           f"{self.name} {split}")
+                           f"{self.name} {split}", self.waveform_stats)
 
     def load_audio(self, path):
-        """s3prl's `-m inference` reads the file through this (any rate, any channel count)."""
-        return load_mono_16k(path)
+        """s3prl's `-m inference` reads the file through this (any rate, any channel count), shaped as in training."""
+        return shape_waveform(load_mono_16k(path), self.datarc.max_seconds, self.waveform_stats)
 
     def inference(self, features, filenames):
         """`-m inference -t FILE`: prints and writes `inference.tsv` in the experiment directory."""

@@ -16,10 +16,12 @@ def write_atomic(path: Path, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def write_predictions(path: Path, files: list[str], labels: list[int], probabilities: np.ndarray) -> None:
-    header = "\t".join(["file", "label", "pred"] + [f"p_{k}" for k in range(probabilities.shape[1])])
-    rows = [header] + ["\t".join([f, str(int(y)), str(int(p.argmax()))] + [f"{v:.6f}" for v in p])
-                       for f, y, p in zip(files, labels, probabilities)]
+def write_predictions(path: Path, files: list[str], labels: list[int], probabilities: np.ndarray,
+                      speakers: list[str]) -> None:
+    """One row per utterance; `adaltm compare` and `adaltm table` read it back (speaker: speaker-level CIs)."""
+    header = "\t".join(["file", "label", "pred"] + [f"p_{k}" for k in range(probabilities.shape[1])] + ["speaker"])
+    rows = [header] + ["\t".join([f, str(int(y)), str(int(p.argmax()))] + [f"{v:.6f}" for v in p] + [s])
+                       for f, y, p, s in zip(files, labels, probabilities, speakers)]
     write_atomic(path, "\n".join(rows) + "\n")
 
 

@@ -20,7 +20,7 @@ from adaltm_core import settings
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.data import DataSettings, make_loader
-from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields
+from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, speakers_of
 from adaltm_downstream.common.expert import finish_evaluation, log_train_losses
 from adaltm_downstream.common.interleave import ChainedLoader, InterleavedLoader
 from adaltm_downstream.common.selection import BestCheckpoint
@@ -68,7 +68,7 @@ class DownstreamExpert(nn.Module):
         if config:
             raise settings.SettingsError(f"{where}: unknown key(s) {', '.join(sorted(config))} (allowed: ser_data, "
                                          "asr_data, fusion, emotion, asr, selection)")
-        self.expdir, self.seed = Path(expdir), kwargs.get("seed", 0)
+        self.expdir = Path(expdir)
         self.utterances = {task: self.data[task].load_splits(needs_transcripts=task == "asr") for task in TASKS}
 
         self.fusion = PromptAdaptiveFusion(list(TASKS), upstream_dim, self.fusion_settings.prompt_dim,
@@ -122,9 +122,10 @@ class DownstreamExpert(nn.Module):
             log_train_losses(self.name, records, logger, global_step)
             return []
         ser_set, asr_set = self.data["ser"].split_set(split), self.data["asr"].split_set(split)
-        emotion = self.emotion.evaluate(records, ser_set, self.seed)
+        speakers = speakers_of(self.utterances["ser"])
+        emotion = self.emotion.evaluate(records, ser_set, speakers)
         asr = self.asr.evaluate(records, asr_set)
-        self.emotion.write(self.expdir, split, records, emotion)
+        self.emotion.write(self.expdir, split, records, emotion, speakers)
         self.asr.write(self.expdir, split, records)
         metrics = {**emotion, **asr, "test_set": ser_set, "asr_test_set": asr_set, "emotion_loss": emotion["loss"],
                    "loss": (emotion["loss"] + asr["asr_loss"]) / 2, "layer_weights": self.layer_weights(records),

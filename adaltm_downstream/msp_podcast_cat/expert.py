@@ -9,7 +9,7 @@ features -> projection, mean pooling, classifier. Out: the loss while training; 
 from __future__ import annotations
 
 from adaltm_downstream.common.corpus import Utterance
-from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields
+from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, speakers_of
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
 
@@ -33,8 +33,9 @@ class DownstreamExpert(CorpusExpert):
         return self.emotion(padded, valid, targets, labels, files, records)
 
     def evaluate(self, split: str, records, test_set: str) -> dict:
-        metrics = self.emotion.evaluate(records, test_set, self.seed)
-        self.emotion.write(self.expdir, split, records, metrics)
+        speakers = speakers_of(self.utterances)
+        metrics = self.emotion.evaluate(records, test_set, speakers)
+        self.emotion.write(self.expdir, split, records, metrics, speakers)
         return metrics
 
     def describe(self, padded, valid) -> list[str]:

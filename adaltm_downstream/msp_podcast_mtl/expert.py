@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
-from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields
+from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, speakers_of
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
 
@@ -57,9 +57,10 @@ class DownstreamExpert(CorpusExpert):
         return loss
 
     def evaluate(self, split: str, records, test_set: str) -> dict:
-        emotion = self.emotion.evaluate(records, test_set, self.seed)
+        speakers = speakers_of(self.utterances)
+        emotion = self.emotion.evaluate(records, test_set, speakers)
         asr = self.asr.evaluate(records, test_set)
-        self.emotion.write(self.expdir, split, records, emotion)
+        self.emotion.write(self.expdir, split, records, emotion, speakers)
         self.asr.write(self.expdir, split, records)
         joint = (1 - self.asr_weight) * emotion["loss"] + self.asr_weight * asr["asr_loss"]
         return {**emotion, **asr, "emotion_loss": emotion["loss"], "loss": joint}
