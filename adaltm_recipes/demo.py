@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from adaltm_core.errors import UserError
+from adaltm_downstream.common import results
 from adaltm_s3prl.registration import packaged_config
 
 # The paper's setups as users run them: the Table-1 configs of configs/upstream/, with the demo's files swapped in.
@@ -168,15 +169,14 @@ class Demo:
         return path
 
     def _train_and_test(self, run: str, upstream: list[str], downstream: str, config: Path,
-                        test_root: Path | None = None) -> dict:
+                        test_root: Path | None = None) -> None:
+        """Train, then evaluate `dev-best.ckpt` on the test split; skipped when the run's test metrics exist."""
         expdir = self.out / "runs" / run
-        metrics_file = expdir / "test_metrics.json"
-        if metrics_file.exists():
-            return json.loads(metrics_file.read_text())
+        if (expdir / "test_metrics.json").exists():
+            return
         self._launch(["-m", "train", *upstream, "-d", downstream, "-c", str(config), "-p", str(expdir)])
         override = ["-o", f"config.downstream_expert.datarc.root={test_root}"] if test_root else []
         self._launch(["-m", "evaluate", "-e", str(expdir / "dev-best.ckpt"), "-t", "test", *override])
-        return json.loads(metrics_file.read_text())
 
     # -- stages --------------------------------------------------------------------------------------------
     def corpora(self) -> None:
@@ -188,7 +188,7 @@ class Demo:
         if not self.base.exists():
             write_tiny_base(self.base, self.seed)
 
-    def finetune(self) -> dict:
+    def finetune(self) -> None:
         """The three fine-tuned models. A random tiny base has no useful CNN, so unlike s3prl's wavlm (whose CNN
         stays frozen) the whole model is trained: adaltm_wavlm with no vectors and trainable weights."""
         local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("mtl_from_base"))]
@@ -197,16 +197,13 @@ class Demo:
         def train(name: str, downstream: str, steps: int, datarc: dict, test_root: Path | None = None, **sections):
             run = SOURCES[name]
             config = self._config(run, downstream, steps, datarc, **sections)
-            return self._train_and_test(run, local, downstream, config, test_root=test_root)
+            self._train_and_test(run, local, downstream, config, test_root=test_root)
 
-        return {
-            "asr_in_domain": train("asr_in_domain", "msp_podcast_asr", self.size.asr_steps,
-                                   {"root": str(self.corpus)}, **asr),
-            "asr_out_of_domain": train("asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps,
-                                       {"root": str(self.ood)}, test_root=self.corpus, **asr),
-            "ser": train("ser", "msp_podcast_cat", self.size.finetune_steps,
-                         {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD),
-        }
+        train("asr_in_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.corpus)}, **asr)
+        train("asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.ood)},
+              test_root=self.corpus, **asr)
+        train("ser", "msp_podcast_cat", self.size.finetune_steps,
+              {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD)
 
     def extract(self) -> None:
         from adaltm_upstream import task_vectors
@@ -216,7 +213,7 @@ class Demo:
                 tensors, meta = task_vectors.extract(self.base, self.out / "runs" / run / "dev-best.ckpt")
                 task_vectors.save(self.vectors[name], tensors, meta)
 
-    def run_row(self, row: Row) -> dict:
+    def run_row(self, row: Row) -> None:
         datarc = {"root": str(self.corpus), "require_transcript": row.downstream != "msp_podcast_cat"}
         extra = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}} if row.wer else {}
         extra.update(EMOTION_HEAD)
@@ -225,8 +222,8 @@ class Demo:
         # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
         steps = self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
         config = self._config(row.run, row.downstream, steps, datarc, **extra)
-        return self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
-                                    row.downstream, config)
+        self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
+                             row.downstream, config)
 
     def lambdas_figure(self) -> Path:
         from adaltm_upstream.plotting import plot_lambdas
@@ -237,30 +234,23 @@ class Demo:
                             labels=list(runs))
 
 
-def _row_result(name: str, metrics: dict, wer: bool) -> dict:
-    emotion = "uar" in metrics
-    return {"name": name,
-            "uar": metrics["uar"] if emotion else None,
-            "precision": metrics["precision"] if emotion else None,
-            "macro_f1": metrics["macro_f1"] if emotion else None,
-            "ci95": {k: metrics["ci95"][k] for k in ("uar", "precision", "macro_f1")} if emotion else None,
-            "wer": metrics.get("wer") if wer else None}
+# The fine-tuned models' own rows, above Table 1's; the proposed row is the reference for significance marks.
+MODEL_ROWS = (("ASR model, in-domain (fine-tuned on the corpus)", "finetune_asr_in_domain"),
+              ("ASR model, out-of-domain (LibriSpeech role)", "finetune_asr_out_of_domain"),
+              ("SER model (fine-tuned)", "finetune_ser"))
+REFERENCE_RUN = "dual_layerwise"
 
 
-def _cell(row: dict, key: str) -> str:
-    if row[key] is None:
-        return "–"
-    if key == "wer":
-        return f"{100 * row[key]:.2f}"
-    lo, hi = row["ci95"][key]
-    return f"{100 * row[key]:.2f} ± {100 * (hi - lo) / 2:.2f}"
+def _json_row(row: results.TableRow) -> dict:
+    """The contract's results.json row; null where a metric does not apply."""
+    return {"name": row.name, **{m: row.values.get(m) for m in (*results.SHOWN, "wer")},
+            "ci95": {m: row.ci95[m] for m in results.SHOWN} if row.ci95 else None}
 
 
-def results_table(rows: list[dict]) -> str:
-    lines = ["| Method / setup | UAR | Precision | Macro-F1 | WER |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | " + " | ".join(_cell(r, k) for k in ("uar", "precision", "macro_f1", "wer")) + " |"
-              for r in rows]
-    return "\n".join(lines)
+def _line(row: results.TableRow) -> str:
+    cells = ", ".join(f"{results.HEADERS[m]} {results.cell(row, m, 'md')}" for m in (*results.SHOWN, "wer")
+                      if row.values.get(m) is not None)
+    return f"  {row.name}: {cells}"
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0) -> list[dict]:
@@ -270,7 +260,7 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
     demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
     stages = 4 + len({row.run for row in ROWS})
     bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)
-    metrics_by_run: dict[str, dict] = {}
+    done: set[str] = set()
 
     def step(label: str, function, *args):
         bar.set_postfix_str(label)
@@ -280,36 +270,31 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
         return result.get("value")
 
     step("corpora", demo.corpora)
-    finetuned = step("finetune", demo.finetune)
+    step("finetune", demo.finetune)
     step("extract", demo.extract)
-    results = [_row_result("ASR model, in-domain (fine-tuned on the corpus)", finetuned["asr_in_domain"], True),
-               _row_result("ASR model, out-of-domain (LibriSpeech role)", finetuned["asr_out_of_domain"], True),
-               _row_result("SER model (fine-tuned)", finetuned["ser"], False)]
-    for r in results:
-        tqdm.write(_line(r), file=sys.stderr)
+    entries = list(MODEL_ROWS)
     for row in ROWS:
-        if row.run not in metrics_by_run:
-            metrics_by_run[row.run] = step(row.run, demo.run_row, row)
-        result = _row_result(row.name, metrics_by_run[row.run], row.wer)
-        results.append(result)
-        tqdm.write(_line(result), file=sys.stderr)
+        if row.run not in done:
+            step(row.run, demo.run_row, row)
+            done.add(row.run)
+        entries.append((row.name, row.run))
     step("lambdas", demo.lambdas_figure)
     bar.close()
 
-    table = results_table(results)
+    runs = [results.load_run(demo.out / "runs" / run, "test", name) for name, run in entries]
+    reference = results.load_run(demo.out / "runs" / REFERENCE_RUN, "test", "Adaptive layer-wise merging (ours)")
+    rows = results.table_rows(runs, reference)
+    for row in rows:
+        tqdm.write(_line(row), file=sys.stderr)
+    table = results.render(rows, "md") + "\n" + results.legend(reference, 1000, "utterance")
     minutes = (time.time() - started) / 60
     header = (f"# AdaLTM demo ({'quick' if quick else 'full'}): Table 1 on the espeak corpus, tiny WavLM\n\n"
-              f"Test set: Test1 of the demo corpus; metrics in %, ± = half-width of the 95 % bootstrap interval; "
-              f"chance UAR = 12.5. Wall time of this invocation {minutes:.1f} min.\n\n")
+              f"Test set: Test1 of the demo corpus; chance UAR = 12.5. Wall time of this invocation "
+              f"{minutes:.1f} min.\n\n")
     (demo.out / "results.md").write_text(header + table + "\n\n![λ per layer](lambdas.png)\n")
-    (demo.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    rows_json = [_json_row(row) for row in rows]
+    (demo.out / "results.json").write_text(json.dumps(rows_json, indent=1) + "\n")
     print(table)
-    print(f"adaltm demo: {len(results)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
+    print(f"adaltm demo: {len(rows)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
           f"{demo.out / 'results.json'}, {demo.out / 'lambdas.png'}")
-    return results
-
-
-def _line(row: dict) -> str:
-    cells = ", ".join(f"{k.upper() if k != 'macro_f1' else 'MaF1'} {_cell(row, k)}"
-                      for k in ("uar", "precision", "macro_f1", "wer") if row[k] is not None)
-    return f"  {row['name']}: {cells}"
+    return rows_json

@@ -74,7 +74,8 @@ def test_quick_demo_end_to_end(tmp_path):
         if row["uar"] is not None:
             assert 0 <= row["uar"] <= 1 and row["ci95"]["uar"][0] <= row["uar"] <= row["ci95"]["uar"][1]
     assert next(r for r in rows if r["name"] == "MTL (fully trainable)")["wer"] is not None
-    assert "| Setup 4: Dual-vector (proposed) |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| Setup 4: Dual-vector (proposed) (reference) |" in table and "| Setup 2: ASR-only vector |" in table
     assert (out / "lambdas.png").read_bytes()[:4] == b"\x89PNG"
     assert "rows in" in done.stdout
 

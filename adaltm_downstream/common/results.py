@@ -162,7 +162,8 @@ def table_rows(runs: list[RunResult], reference: RunResult | None = None, resamp
     return rows
 
 
-def _cell(row: TableRow, metric: str, fmt: str) -> str:
+def cell(row: TableRow, metric: str, fmt: str) -> str:
+    """One table cell: `value ± half-width` in %, † where significant; WER as a plain percentage."""
     value = row.values.get(metric)
     if value is None:
         return "–" if fmt != "tex" else "--"
@@ -199,14 +200,14 @@ def render(rows: list[TableRow], fmt: str = "md") -> str:
         escape = str.maketrans({"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "λ": r"$\lambda$"})
         lines = [r"\begin{tabular}{l" + "c" * len(metrics) + "}", r"\hline",
                  "Method / setup & " + " & ".join(HEADERS[m] for m in metrics) + r" \\", r"\hline"]
-        lines += [name.translate(escape) + " & " + " & ".join(_cell(r, m, fmt) for m in metrics) + r" \\"
+        lines += [name.translate(escape) + " & " + " & ".join(cell(r, m, fmt) for m in metrics) + r" \\"
                   for name, r in zip(names, rows)]
         return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
     if fmt != "md":
         raise ResultsError(f"--format: md, csv or tex, got {fmt!r}")
     lines = ["| Method / setup | " + " | ".join(HEADERS[m] for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
-    lines += [f"| {name} | " + " | ".join(_cell(r, m, fmt) for m in metrics) + " |" for name, r in zip(names, rows)]
+    lines += [f"| {name} | " + " | ".join(cell(r, m, fmt) for m in metrics) + " |" for name, r in zip(names, rows)]
     return "\n".join(lines) + "\n"
 
 
