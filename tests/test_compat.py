@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -76,6 +78,7 @@ def test_launcher_logs_the_applied_fixes_at_debug_level(caplog, monkeypatch):
 
     # s3prl's own main() would replace the builtin isinstance for the whole test process (hack_isinstance)
     monkeypatch.setattr(run_downstream, "main", lambda: None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the launcher hands s3prl its arguments through sys.argv
     with caplog.at_level(logging.DEBUG, logger="adaltm"):
         launcher.main(["-m", "train", "-u", "wavlm_local", "-d", "example"])
     assert any("compatibility fixes applied" in r.getMessage() for r in caplog.records)
