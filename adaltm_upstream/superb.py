@@ -3,14 +3,15 @@
 Each task is trained and then evaluated by the launcher in its own process, with that task's stock config from
 the user's clone of s3prl (the PyPI package ships none), the `--data` root and any `--override` written into
 `OUT/<task>/config.yaml`. Everything that can be wrong with the input is checked for every task before the
-first one trains. A task with `OUT/<task>/result.json` is done and skipped; an interrupted training resumes
-from its newest `states-*.ckpt`. The test metric is what the downstream logs (`adaltm_upstream.scalars`).
+first one trains. A task with `OUT/<task>/result.json` is done and skipped, a trained one is only evaluated,
+an interrupted training starts over. The test metric is what the downstream logs (`adaltm_upstream.scalars`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,12 +40,13 @@ class Task:
     scale: float  # to percent
     lower_is_better: bool = False
     paths: tuple[str, ...] = ()  # further datarc keys that name files or folders which must exist
+    buckets: bool = False  # datarc.bucket_file: made from the corpus when it does not exist
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("emotion", "ER", "IEMOCAP", "root", "test", "dev-best.ckpt", "acc", "accuracy %", 100, paths=("meta_data",)),
     Task("asr", "ASR", "LibriSpeech", "libri_root", "test-clean", "dev-clean-best.ckpt", "wer", "WER %", 1,
-         lower_is_better=True, paths=("bucket_file", "dict_path")),
+         lower_is_better=True, paths=("dict_path",), buckets=True),
     Task("voxceleb1", "SID", "VoxCeleb1", "file_path", "test", "dev-best.ckpt", "acc", "accuracy %", 100,
          paths=("meta_data",)),
     Task("fluent_commands", "IC", "Fluent Speech Commands", "file_path", "test", "dev-best.ckpt", "acc",
@@ -61,6 +63,7 @@ class Plan:
     task: Task
     config: dict
     directory: Path
+    make_buckets: bool = False
 
     @property
     def expdir(self) -> Path:
@@ -114,7 +117,7 @@ def plan_task(task: Task, package_dir: Path, data_root: str | None, overrides: l
         config = yaml.safe_load(stock.read_text())
     except yaml.YAMLError as error:
         raise UserError(f"{task.name}: {stock}: not valid YAML ({str(error).splitlines()[0]})") from None
-    datarc = config.get("downstream_expert", {}).get("datarc")
+    datarc = config.get("downstream_expert", {}).get("datarc") if isinstance(config, dict) else None
     if not isinstance(datarc, dict):
         raise UserError(f"{task.name}: {stock}: no downstream_expert.datarc section")
     datarc[task.data_key] = str(root)
@@ -127,7 +130,30 @@ def plan_task(task: Task, package_dir: Path, data_root: str | None, overrides: l
             raise UserError(f"{task.name}: downstream_expert.datarc.{key}: {value} not found (relative paths start "
                             f"at {package_dir}; fix it with --override {task.name}:downstream_expert.datarc.{key}=...)")
         datarc[key] = str(path)
-    return Plan(task, config, out / task.name)
+    make_buckets = False
+    if task.buckets:
+        bucket_file = (package_dir / str(datarc.get("bucket_file", ""))).resolve()
+        make_buckets = "bucket_file" not in datarc or not bucket_file.is_dir()
+        datarc["bucket_file"] = str(out / task.name / "len_for_bucket" if make_buckets else bucket_file)
+    return Plan(task, config, out / task.name, make_buckets)
+
+
+def librispeech_buckets(libri_root: Path, splits: list[str], out: Path) -> None:
+    """The length tables s3prl's asr dataset batches by: `<split>.csv` with the audio path relative to the corpus
+    root and its length in samples, longest first. s3prl's own preprocess/generate_len_for_bucket.py writes them
+    but calls torchaudio.set_audio_backend and torchaudio.info, both gone since torchaudio 2.9; the soundfile
+    header gives the same lengths."""
+    import soundfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        folder = libri_root / split
+        if not folder.is_dir():
+            continue
+        rows = sorted(((soundfile.info(str(p)).frames, p.relative_to(libri_root).as_posix())
+                       for p in folder.rglob("*.flac")), reverse=True)
+        lines = [",file_path,length,label"] + [f"{i},{path},{frames}," for i, (frames, path) in enumerate(rows)]
+        _write_text(out / f"{split}.csv", "\n".join(lines) + "\n")
 
 
 def plan_all(tasks: list[str], repo: str | Path, data: list[str], overrides: list[str], out: Path) -> list[Plan]:
@@ -149,9 +175,13 @@ def plan_all(tasks: list[str], repo: str | Path, data: list[str], overrides: lis
     for task, key, value in parse_overrides(overrides):
         if task is not None and task not in TASKS:
             raise UserError(f"{task}: unknown task in --override {task}:{key}=...")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise UserError(f"--override {key}={value}: not a YAML value ({str(error).splitlines()[0]})") from None
         for name in ([task] if task else tasks):
             if name in per_task:
-                per_task[name].append((key, yaml.safe_load(value)))
+                per_task[name].append((key, parsed))
     package_dir = s3prl_package_dir(repo)
     return [plan_task(TASKS[t], package_dir, roots.get(t), per_task[t], out) for t in tasks]
 
@@ -192,16 +222,24 @@ class Runs:
         self.bar.update(1)
 
     def train(self, plan: Plan) -> None:
+        datarc = plan.config["downstream_expert"]["datarc"]
+        if plan.make_buckets and not Path(datarc["bucket_file"]).is_dir():
+            self.bar.set_postfix_str(f"{plan.task.name}: length tables")
+            splits = [s for value in datarc.values() if isinstance(value, list) for s in value if isinstance(s, str)]
+            target = Path(datarc["bucket_file"])
+            partial = target.with_name(target.name + ".partial")  # a folder appears complete or not at all
+            shutil.rmtree(partial, ignore_errors=True)
+            librispeech_buckets(Path(datarc[plan.task.data_key]), splits, partial)
+            partial.rename(target)
         total = int(plan.config["runner"]["total_steps"])
-        states = _states(plan.expdir)
-        if states and states[-1].stem == f"states-{total}":
+        if (plan.expdir / f"states-{total}.ckpt").is_file():  # trained; only the evaluation was missing
             self.bar.update(1)
             return
+        shutil.rmtree(plan.expdir, ignore_errors=True)  # an interrupted training starts over
         config = plan.directory / "config.yaml"
         _write_text(config, yaml.safe_dump(plan.config, sort_keys=False))
-        resume = ["-e", str(states[-1])] if states else []
         self._launch(plan, "train", ["-m", "train", *self.upstream, "-d", plan.task.name, "-c", str(config),
-                                     "-p", str(plan.expdir), *resume], plan.directory / "train_scalars.jsonl")
+                                     "-p", str(plan.expdir)], plan.directory / "train_scalars.jsonl")
 
     def evaluate(self, plan: Plan) -> dict:
         from adaltm_upstream.scalars import read_scalars

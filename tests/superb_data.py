@@ -3,7 +3,7 @@
 Layouts and config keys follow s3prl 0.4.18's readers (facts read in s3prl/s3prl @ec8064b5, written anew here):
 emotion/dataset.py + IEMOCAP_preprocess.py (meta_data/Session<N>/{train,test}_meta_data.json with `labels` and
 `meta_data` [{path, label, speaker}]), asr/dataset.py + preprocess/generate_len_for_bucket.py (LibriSpeech
-folders, `<spk>-<chapter>.trans.txt`, bucket CSVs `file_path,length`), voxceleb1/dataset.py (`<root>/*/wav/<id>/
+folders, `<spk>-<chapter>.trans.txt`, bucket CSVs `,file_path,length,label`), voxceleb1/dataset.py (`<root>/*/wav/<id>/
 <video>/<n>.wav` and a split list `<1|2|3> <id>/<video>/<n>.wav`), fluent_commands/expert.py (`data/
 {train,valid,test}_data.csv` with path, action, object, location).
 """
@@ -71,13 +71,13 @@ def write_librispeech(root: Path, rng: np.random.Generator) -> dict:
     for s, split in enumerate(("train-clean-100", "dev-clean", "test-clean")):
         speaker, chapter = 100 + s, 200 + s
         folder = root / split / str(speaker) / str(chapter)
-        lines, rows = [], ["file_path,length"]
+        lines, rows = [], [",file_path,length,label"]
         for u in range(4 if s == 0 else 2):
             uid = f"{speaker}-{chapter}-{u:04d}"
             words = [LIBRI_WORDS[(u + k) % 4] for k in range(2)]
             _tone(folder / f"{uid}.flac", rng, u % 4)
             lines.append(f"{uid} {' '.join(words)}")
-            rows.append(f"{split}/{speaker}/{chapter}/{uid}.flac,{RATE // 2}")
+            rows.append(f"{u},{split}/{speaker}/{chapter}/{uid}.flac,{RATE // 2},")
         (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
         (buckets / f"{split}.csv").write_text("\n".join(rows) + "\n")
     letters = sorted(set("".join(LIBRI_WORDS))) + ["|"]

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import jiwer
+import pandas
 import pytest
 import yaml
 from sklearn.metrics import accuracy_score
@@ -125,6 +126,8 @@ def clone(superb):
         config = yaml.safe_load(config_path.read_text())
         config["runner"]["total_steps"] = 200000
         config["downstream_expert"]["datarc"][DATA_KEYS[task]] = "/path/to/corpus"
+        if task == "asr":  # as in the stock config: a table s3prl's preprocessing would have written
+            config["downstream_expert"]["datarc"]["bucket_file"] = "./data/librispeech/len_for_bucket"
         (package / "downstream" / task).mkdir(parents=True)
         write_yaml(package / "downstream" / task / "config.yaml", config)
     return package.parent
@@ -150,6 +153,11 @@ def test_superb_command_runs_resumes_and_tabulates(superb, clone, tmp_path, monk
         assert f"| {r['task']} |" in table and f"{r['value']:.2f}" in table
         written = yaml.safe_load((out / r["task"] / "config.yaml").read_text())
         assert written["runner"]["total_steps"] == 2  # the override reached the config the launcher ran
+    # the length tables made for asr hold what the corpus writer knows: every file and its length in samples
+    made, truth = out / "asr" / "len_for_bucket", Path(superb["tasks"]["asr"][0]) / "len_for_bucket"
+    for split in ("train-clean-100", "dev-clean", "test-clean"):
+        read = [pandas.read_csv(folder / f"{split}.csv") for folder in (made, truth)]
+        assert sorted(zip(read[0].file_path, read[0].length)) == sorted(zip(read[1].file_path, read[1].length))
     # finished tasks are skipped: a launcher that would fail is never started
     monkeypatch.setattr(superb_command, "LAUNCHER", ["false"])
     (out / "superb.md").unlink()
