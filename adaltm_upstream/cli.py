@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated stock downstreams (default: all five supported)")
     superb.add_argument("--s3prl-repo", required=True, help="a clone of s3prl/s3prl: the stock configs and meta_data")
     superb.add_argument("--data", nargs="+", default=[], metavar="TASK=ROOT", help="each task's corpus root")
-    superb.add_argument("--override", action="append", default=[], metavar="[TASK:]KEY=VALUE",
+    superb.add_argument("--override", action="extend", nargs="+", default=[], metavar="[TASK:]KEY=VALUE",
                         help="change a config value (YAML), for one task or all, e.g. runner.total_steps=1000")
     superb.add_argument("--out", default="results/superb", help="OUT/<task>/ runs, OUT/superb.md, OUT/superb.json")
     superb.set_defaults(run=_superb)

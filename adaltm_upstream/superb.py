@@ -123,6 +123,14 @@ def plan_task(task: Task, package_dir: Path, data_root: str | None, overrides: l
     datarc[task.data_key] = str(root)
     for key, value in overrides:
         _set(config, key, value, f"{task.name}: --override")
+    runner = config.get("runner") or {}
+    try:
+        total, save = int(runner["total_steps"]), int(runner["save_step"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{task.name}: runner.total_steps and runner.save_step must be integers") from None
+    if save <= 0 or total % save:
+        raise UserError(f"{task.name}: runner.total_steps {total} is not a multiple of runner.save_step {save}, so the "
+                        f"training would end without a final checkpoint (--override {task.name}:runner.save_step=...)")
     for key in task.paths:
         value = datarc.get(key)
         path = (package_dir / str(value)).resolve() if value is not None else None
