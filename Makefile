@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaltm-installed
-SYSTEM_PACKAGES := espeak-ng sox
+# gcc: pesq (asteroid, in the superb extra) is built from its source distribution.
+SYSTEM_PACKAGES := espeak-ng sox gcc
 
 .PHONY: setup system-packages test lint demo superb-test clean
 
