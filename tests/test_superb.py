@@ -105,7 +105,7 @@ def recomputed(task: str, expdir: Path) -> float:
 @pytest.mark.parametrize("task", ["emotion", "asr", "voxceleb1", "fluent_commands"])
 def test_stock_task_with_the_live_merge(superb, task):
     """Train a few steps with λ learning alongside the stock head; the runner evaluates dev and test."""
-    data, config = superb["tasks"][task]
+    config = superb["tasks"][task][1]
     expdir = superb["root"] / "live" / task
     test = TEST_SPLIT.get(task, "test")
     splits = f"config.runner.eval_dataloaders=['{'dev-clean' if task == 'asr' else 'dev'}','{test}']"
@@ -195,8 +195,18 @@ def test_superb_input_errors_name_the_task_before_training(superb, clone, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_superb_needs_a_stock_config_per_task(superb, clone, tmp_path):
+def test_superb_needs_a_stock_config_per_task(tmp_path):
     empty = tmp_path / "clone"
     (empty / "s3prl" / "downstream" / "emotion").mkdir(parents=True)
     with pytest.raises(UserError, match="^emotion: no stock config at"):
         superb_command.plan_all(["emotion"], empty, [f"emotion={tmp_path}"], [], tmp_path / "out")
+
+
+def test_superb_upstream_is_the_live_merge_or_an_export(tmp_path):
+    config = write_yaml(tmp_path / "dual.yaml", {})
+    assert superb_command.upstream_arguments(str(config), None) == ["-u", "adaltm_wavlm", "-g", str(config)]
+    assert superb_command.upstream_arguments(None, str(config))[:2] == ["-u", "wavlm_local"]
+    with pytest.raises(UserError, match="exactly one"):
+        superb_command.upstream_arguments(str(config), str(config))
+    with pytest.raises(UserError, match="missing.pt: no such file"):
+        superb_command.upstream_arguments(None, str(tmp_path / "missing.pt"))
