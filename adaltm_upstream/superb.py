@@ -143,6 +143,10 @@ def plan_task(task: Task, package_dir: Path, data_root: str | None, overrides: l
         bucket_file = (package_dir / str(datarc.get("bucket_file", ""))).resolve()
         make_buckets = "bucket_file" not in datarc or not bucket_file.is_dir()
         datarc["bucket_file"] = str(out / task.name / "len_for_bucket" if make_buckets else bucket_file)
+        used = ["train", task.test_split, *(runner.get("eval_dataloaders") or [])]
+        for split in (s for key in used for s in datarc.get(key) or [] if make_buckets):
+            if not (root / split).is_dir():
+                raise UserError(f"{task.name}: data root {root} has no {split}/ folder (a split the run reads)")
     return Plan(task, config, out / task.name, make_buckets)
 
 

@@ -179,6 +179,8 @@ def test_superb_command_runs_resumes_and_tabulates(superb, clone, tmp_path, monk
     (lambda a: a.__setitem__(a.index("--data") + 1, "emotion=/nonexistent"), "emotion: data root /nonexistent"),
     (lambda a: a.extend(["--override", "asr:downstream_expert.datarc.dict_path=missing.dict"]),
      "asr: downstream_expert.datarc.dict_path: missing.dict not found"),
+    (lambda a: a.extend(["--data", f"asr={a[a.index('--data') + 1].split('=')[1]}"]),  # the IEMOCAP folder
+     "has no train-clean-100/ folder"),
     (lambda a: a.extend(["--override", "voxceleb1:runner.save_step=3"]),
      "voxceleb1: runner.total_steps 2 is not a multiple of runner.save_step 3"),
 ])
