@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     superb.add_argument("--tasks", default="emotion,asr,voxceleb1,fluent_commands,speech_commands",
                         help="comma-separated stock downstreams (default: all five supported)")
     superb.add_argument("--s3prl-repo", required=True, help="a clone of s3prl/s3prl: the stock configs and meta_data")
-    superb.add_argument("--data", action="extend", nargs="+", default=[], metavar="TASK=ROOT", help="each task's corpus root")
+    superb.add_argument("--data", action="extend", nargs="+", default=[], metavar="TASK=ROOT",
+                        help="each task's corpus root")
     superb.add_argument("--override", action="extend", nargs="+", default=[], metavar="[TASK:]KEY=VALUE",
                         help="change a config value (YAML), for one task or all, e.g. runner.total_steps=1000")
     superb.add_argument("--out", default="results/superb", help="OUT/<task>/ runs, OUT/superb.md, OUT/superb.json")
