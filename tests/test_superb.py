@@ -148,6 +148,8 @@ def superb_args(superb, clone, out, tasks=("emotion", "asr", "voxceleb1", "fluen
 
 
 def test_superb_command_runs_resumes_and_tabulates(superb, clone, tmp_path, monkeypatch):
+    for key, value in launcher_env().items():  # the launcher processes inherit it: one thread each, no CUDA
+        monkeypatch.setenv(key, value)
     out = tmp_path / "superb"
     cli.main(superb_args(superb, clone, out))
     table = (out / "superb.md").read_text()
