@@ -1,18 +1,20 @@
 # The README's two commands: `make test` and `make demo`. Both create or reuse .venv/ (pinned by
-# constraints.txt) and install the system packages they need when missing; a second run skips every install.
+# constraints.txt; extras `test` and `superb`) and install the system packages they need when missing; a second
+# run skips every install.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaltm-installed
-SYSTEM_PACKAGES := espeak-ng sox
+# gcc: pesq (asteroid, in the superb extra) is built from its source distribution.
+SYSTEM_PACKAGES := espeak-ng sox gcc
 
-.PHONY: setup system-packages test lint demo clean
+.PHONY: setup system-packages test lint demo superb-test clean
 
 setup: system-packages $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,superb]'
 	@touch $@
 
 system-packages:
@@ -30,6 +32,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/adaltm demo
+
+# s3prl's stock SUPERB downstreams (the `superb` extra): every expert imports; four tasks train and test on tiny data.
+superb-test: setup
+	$(BIN)/python -m pytest -q tests/test_superb.py tests/test_sox_effects.py
 
 clean:
 	rm -rf $(VENV) results/demo

@@ -114,6 +114,13 @@ def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=int, default=1000)
 
 
+def _superb(args: argparse.Namespace) -> None:
+    from adaltm_recipes.superb import run_superb
+
+    run_superb([t for t in args.tasks.split(",") if t], args.s3prl_repo, args.data, args.out,
+               upstream_config=args.upstream_config, merged=args.merged, overrides=args.override)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    superb = commands.add_parser("superb", help="stock SUPERB tasks with a merged upstream: train, test, one table")
+    upstream = superb.add_mutually_exclusive_group(required=True)
+    upstream.add_argument("--upstream-config", help="an adaltm_wavlm config (-g): the live merge, λ trained per task")
+    upstream.add_argument("--merged", help="a file from `adaltm export --format s3prl` (-u wavlm_local -k)")
+    superb.add_argument("--tasks", default="emotion,asr,voxceleb1,fluent_commands,speech_commands",
+                        help="comma-separated stock downstreams (default: all five supported)")
+    superb.add_argument("--s3prl-repo", required=True, help="a clone of s3prl/s3prl: the stock configs and meta_data")
+    superb.add_argument("--data", action="extend", nargs="+", default=[], metavar="TASK=ROOT",
+                        help="each task's corpus root")
+    superb.add_argument("--override", action="extend", nargs="+", default=[], metavar="[TASK:]KEY=VALUE",
+                        help="change a config value (YAML), for one task or all, e.g. runner.total_steps=1000")
+    superb.add_argument("--out", default="results/superb", help="OUT/<task>/ runs, OUT/superb.md, OUT/superb.json")
+    superb.set_defaults(run=_superb)
     return parser
 
 

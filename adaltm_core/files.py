@@ -9,16 +9,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere it can only be read by setting it, which
+    is done with the common 022 so that a thread creating a file at that instant still gets sane permissions."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it is
-    removed and `path` keeps whatever it held before."""
+    removed and `path` keeps whatever it held before. The file gets the mode a plain `open` would give it
+    (0644 under umask 022), not mkstemp's private 0600, so a shared result directory stays readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # after writing: some writers (safetensors) create the file anew
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

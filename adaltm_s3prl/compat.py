@@ -7,11 +7,13 @@ and does nothing otherwise. `apply_all()` must run before `import s3prl.hub` (th
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,8 @@ def _torchaudio_set_audio_backend() -> bool:
 
 def _torchaudio_sox_effects() -> bool:
     """torchaudio >= 2.9 removed `torchaudio.sox_effects`; `s3prl.upstream.mos_prediction.expert` imports it at
-    module level, which breaks `import s3prl.hub`. The stand-in imports fine and names the problem if called."""
+    module level (which breaks `import s3prl.hub`) and several stock downstreams read audio with it. The
+    replacement runs the same effect chains through the `sox` program (`adaltm_s3prl.sox_effects`)."""
     import torchaudio
 
     try:
@@ -48,16 +51,10 @@ def _torchaudio_sox_effects() -> bool:
         return False
     except ImportError:
         pass
+    from adaltm_s3prl import sox_effects
 
-    def unavailable(*_args, **_kwargs):
-        raise RuntimeError("torchaudio.sox_effects was removed in torchaudio 2.9; this s3prl feature needs an "
-                           "older torchaudio")
-
-    module = types.ModuleType("torchaudio.sox_effects")
-    module.apply_effects_tensor = unavailable
-    module.apply_effects_file = unavailable
-    sys.modules["torchaudio.sox_effects"] = module
-    torchaudio.sox_effects = module
+    sys.modules["torchaudio.sox_effects"] = sox_effects
+    torchaudio.sox_effects = sox_effects
     return True
 
 
@@ -256,6 +253,46 @@ def _ddp_wrapper() -> bool:
     return True
 
 
+def _cache_beside_voxceleb1_lists(module: types.ModuleType, cache: Path) -> None:
+    module.CACHE_PATH = f"{cache}{os.sep}"  # read as os.path.join(CACHE_PATH, f"{mode}.pkl") at each construction
+
+
+def _cache_beside_sv_voxceleb1_lengths(module: types.ModuleType, cache: Path) -> None:
+    module.__file__ = str(cache / "dataset.py")  # its length cache is os.path.dirname(__file__)/.wav_lengths
+
+
+# Stock downstreams whose dataset module caches into s3prl's package directory, and how to move that cache.
+PACKAGE_DIR_CACHES: dict[str, Callable[[types.ModuleType, Path], None]] = {
+    "voxceleb1": _cache_beside_voxceleb1_lists,
+    "sv_voxceleb1": _cache_beside_sv_voxceleb1_lengths,
+}
+
+
+def _downstream_caches_in_expdir() -> bool:
+    """voxceleb1 (`.cache/{train,dev,test}.pkl`, the file lists) and sv_voxceleb1 (`.wav_lengths/`) cache inside
+    s3prl's installed package: a read-only or shared site-packages breaks, and voxceleb1's cache is keyed by
+    the split alone, so a second data root silently reuses the first root's file lists. Each run caches in
+    `<expdir>/<downstream>-cache/` instead; other downstreams are untouched."""
+    from s3prl.downstream.runner import Runner
+
+    if getattr(Runner._get_downstream, "_adaltm_cache", False):
+        return False
+    get_downstream = Runner._get_downstream
+
+    def wrapped(runner):
+        move = PACKAGE_DIR_CACHES.get(runner.args.downstream)
+        if move is not None:
+            module = importlib.import_module(f"s3prl.downstream.{runner.args.downstream}.dataset")
+            cache = Path(runner.args.expdir).resolve() / f"{runner.args.downstream}-cache"
+            cache.mkdir(parents=True, exist_ok=True)
+            move(module, cache)
+        return get_downstream(runner)
+
+    wrapped._adaltm_cache = True
+    Runner._get_downstream = wrapped
+    return True
+
+
 FIXES: tuple[Fix, ...] = (
     Fix("torchaudio.set_audio_backend", "import s3prl.hub and run_downstream.main", _torchaudio_set_audio_backend),
     Fix("torchaudio.sox_effects", "import s3prl.hub (mos_prediction)", _torchaudio_sox_effects),
@@ -271,6 +308,7 @@ LATE_FIXES: tuple[Fix, ...] = (
     Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
     Fix("hack_isinstance once", "several runs in one process", _hack_isinstance_once),
     Fix("cuda.set_device without CUDA", "CPU (gloo) DDP under torchrun", _set_device_without_cuda),
+    Fix("package-directory caches", "voxceleb1/sv_voxceleb1 cache in the experiment", _downstream_caches_in_expdir),
 )
 
 

@@ -1,0 +1,54 @@
+"""Files we write atomically get the permissions a plain `open` gives under the user's umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaltm_cli import main as cli
+from adaltm_core.files import current_umask
+from adaltm_s3prl import compat
+from adaltm_upstream import task_vectors
+from tests.conftest import write_yaml
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002])
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def plain_open_mode(directory: Path) -> int:
+    """The oracle: what the operating system gives a file created with open() here, now."""
+    probe = directory / "plain.txt"
+    probe.write_text("x")
+    return mode(probe)
+
+
+def test_current_umask_reads_without_changing_it(umask):
+    assert current_umask() == umask
+    assert current_umask() == umask
+
+
+def test_checkpoint_task_vector_and_export_follow_the_umask(umask, tmp_path, merge_setup):
+    expected = plain_open_mode(tmp_path)
+    if umask == 0o022:
+        assert expected == 0o644
+    compat.atomic_save({"x": torch.ones(2)}, tmp_path / "states-1.ckpt")
+    vector = task_vectors.load(merge_setup["asr"])
+    task_vectors.save(tmp_path / "tau.safetensors", vector.tensors, vector.meta)
+    config = write_yaml(tmp_path / "static.yaml", {
+        "base": str(merge_setup["base"]), "task_vectors": {"asr": str(merge_setup["asr"])},
+        "merge": {"granularity": "static", "init": 0.5}})
+    cli.main(["export", "-g", str(config), "-o", str(tmp_path / "merged.pt"), "--format", "s3prl"])
+    for name in ("states-1.ckpt", "tau.safetensors", "merged.pt"):
+        assert mode(tmp_path / name) == expected, name
