@@ -2,8 +2,9 @@
 
 Both libraries describe their configs as dataclasses (the upstream's `-g` YAML, every downstream section) and
 build them with `parse`. Supported annotations: bool, int, float (finite), str, `Literal[...]` (choices), unions
-with None, `list`, `dict[K, V]`, and nested dataclasses. A dataclass may define `check(where)` for cross-field
-rules; fields with `metadata={"internal": True}` are not config keys (set by code, not by users).
+with None, `list`, `dict[K, V]`, and nested dataclasses. Ranges are field metadata
+(`field(default=32, metadata={"min": 1})`; keys `min` ≥, `gt` >, `max` ≤). A dataclass may define `check(where)`
+for cross-field rules; fields with `metadata={"internal": True}` are not config keys (set by code, not by users).
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+_BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "gt": (lambda v, b: v > b, "greater than"),
+           "max": (lambda v, b: v <= b, "at most")}
+
+
+def _check_bounds(where: str, value: Any, metadata) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for name, (holds, words) in _BOUNDS.items():
+        if name in metadata and not holds(value, metadata[name]):
+            raise SettingsError(f"{where}: must be {words} {metadata[name]}, got {value!r}")
+
+
 def parse(cls: type[T], data: Any, where: str) -> T:
     """Build `cls` from a config mapping: unknown keys, missing required keys and wrong types are errors."""
     if data is None:
@@ -94,6 +107,7 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     for name, field in fields.items():
         if name in data:
             values[name] = _coerce(key(where, name), data[name], hints[name])
+            _check_bounds(key(where, name), values[name], field.metadata)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise SettingsError(f"{key(where, name)}: missing")
     settings = cls(**values)

@@ -21,7 +21,8 @@ class Outer:
     name: str
     inner: Inner = field(default_factory=Inner)
     weights: dict[str, float] = field(default_factory=dict)
-    steps: int | None = None
+    steps: int | None = field(default=None, metadata={"min": 1})
+    seconds: float = field(default=1.0, metadata={"gt": 0, "max": 30})
 
 
 def test_parses_nested_sections():
@@ -37,6 +38,9 @@ def test_parses_nested_sections():
     ({"name": "x", "steps": True}, "cfg.yaml: steps: expected an integer"),
     ({"name": "x", "inner": {"typo": 1}}, "cfg.yaml: inner: unknown key(s) typo"),
     ({}, "cfg.yaml: name: missing"),
+    ({"name": "x", "steps": 0}, "cfg.yaml: steps: must be at least 1, got 0"),
+    ({"name": "x", "seconds": 0}, "cfg.yaml: seconds: must be greater than 0, got 0"),
+    ({"name": "x", "seconds": 31}, "cfg.yaml: seconds: must be at most 30, got 31"),
     ([1], "cfg.yaml: expected a mapping"),
 ])
 def test_errors_name_file_and_field(data, message):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jiwer
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaltm_core.settings import SettingsError
 from adaltm_downstream.common import reports
 
 BLANK = "<blank>"
@@ -78,13 +77,10 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
 @dataclass
 class AsrSettings:
     """`downstream_expert.asr`."""
-    projector_dim: int = 256
-    lstm_layers: int = 0          # 0: a linear CTC head (the usual one when fine-tuning the upstream)
-    dropout: float = 0.1
-
-    def check(self, where: str) -> None:
-        if self.lstm_layers < 0:
-            raise SettingsError(f"{where}.lstm_layers: must be >= 0, got {self.lstm_layers}")
+    projector_dim: int = field(default=256, metadata={"min": 1})
+    # 0: a linear CTC head (the usual one when fine-tuning the upstream)
+    lstm_layers: int = field(default=0, metadata={"min": 0})
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 0.99})
 
 
 class CTCTask(nn.Module):

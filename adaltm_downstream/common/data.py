@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,35 +22,36 @@ from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import CorpusSpec, Utterance, load_corpus
 from adaltm_downstream.common.sampler import BucketBatchSampler
 
-NORMALISATIONS = ("none", "train_global")
+POSITIVE = {"gt": 0}
+AT_LEAST_ONE = {"min": 1}
 
 
 @dataclass
 class DataSettings:
     """`downstream_expert.datarc`."""
     root: str
-    layout: str = "msp"                    # msp (the release) | emo_superb (its label CSV)
+    layout: Literal["msp", "emo_superb"] = "msp"  # the release | EMO-SUPERB's label CSV
     labels_csv: str | None = None          # emo_superb only: labels_consensus_<fold>.csv (relative: under root)
     splits: dict = field(default_factory=lambda: {"train": "Train", "dev": "Development", "test": "Test1"})
     require_transcript: bool = False       # the paper keeps only utterances with a human transcript
     soft_labels: bool = True               # annotators' votes (labels_detailed.csv); else consensus one-hot
-    crop_seconds: float | None = None      # random crop of longer training utterances
-    max_seconds: float | None = None       # keep the first N seconds of every utterance, in every split
-    normalise: str = "none"                # none | train_global: (x − mean)/(std + 1e-6), training-set statistics
-    batch_size: int | None = 32            # utterances per training batch ...
-    batch_seconds: float | None = None     # ... or padded seconds per training batch (then batch_size: null)
-    eval_batch_size: int = 32
-    bucket_window: int = 100               # batches sorted together (2.6 % padding on MSP-like lengths); 0 = off
-    num_workers: int = 2
+    # random crop of longer training utterances
+    crop_seconds: float | None = field(default=None, metadata=POSITIVE)
+    # keep the first N seconds of every utterance, in every split
+    max_seconds: float | None = field(default=None, metadata=POSITIVE)
+    # train_global: (x − mean)/(std + 1e-6) with the training set's statistics
+    normalise: Literal["none", "train_global"] = "none"
+    batch_size: int | None = field(default=32, metadata=AT_LEAST_ONE)       # utterances per training batch ...
+    batch_seconds: float | None = field(default=None, metadata=POSITIVE)   # ... or padded seconds (batch_size: null)
+    eval_batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
+    # batches sorted together (2.6 % padding on MSP-like lengths); 0 = off
+    bucket_window: int = field(default=100, metadata={"min": 0})
+    num_workers: int = field(default=2, metadata={"min": 0})
     seed: int = 0
 
     def check(self, where: str) -> None:
-        if self.layout not in ("msp", "emo_superb"):
-            raise SettingsError(f"{where}.layout: must be msp or emo_superb, got {self.layout!r}")
         if (self.batch_size is None) == (self.batch_seconds is None):
             raise SettingsError(f"{where}.batch_size / batch_seconds: give exactly one (the other null)")
-        if self.normalise not in NORMALISATIONS:
-            raise SettingsError(f"{where}.normalise: must be none or train_global, got {self.normalise!r}")
         if self.crop_seconds is not None and self.max_seconds is not None:
             raise SettingsError(f"{where}.crop_seconds / max_seconds: give at most one (the other null)")
         missing = [k for k in ("train", "dev") if k not in self.splits]

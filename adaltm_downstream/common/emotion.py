@@ -5,8 +5,9 @@ Used by msp_podcast_cat, msp_podcast_mtl and harmonifuse, so all three score emo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,34 +19,24 @@ from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, Utterance
 from adaltm_downstream.common.heads import UtteranceClassifier
 from adaltm_downstream.common.losses import SoftCrossEntropy, class_balanced_weights, consensus_weights
 from adaltm_downstream.common.metrics import emo_superb_f1, emo_superb_f1_whole_set, emotion_metrics
-from adaltm_downstream.common.statistics import UNITS, bootstrap_intervals
+from adaltm_downstream.common.statistics import bootstrap_intervals
 
 
 @dataclass
 class EmotionSettings:
     """`downstream_expert.emotion`."""
-    projector_dim: int = 256
-    hidden_dim: int = 0
-    dropout: float = 0.0
-    loss: str = "class_balanced"      # class_balanced (the paper) | cross_entropy
-    class_weights: str = "soft"       # n_k from soft labels > 1/K (EMO-SUPERB) | consensus (hard) label counts
+    projector_dim: int = field(default=256, metadata={"min": 1})
+    hidden_dim: int = field(default=0, metadata={"min": 0})
+    dropout: float = field(default=0.0, metadata={"min": 0, "max": 0.99})
+    loss: Literal["class_balanced", "cross_entropy"] = "class_balanced"   # class_balanced: the paper's
+    # n_k from soft labels > 1/K (EMO-SUPERB) | consensus (hard) label counts
+    class_weights: Literal["soft", "consensus"] = "soft"
     train_on_unagreed: bool = False   # also train on X/O utterances through their soft labels (EMO-SUPERB)
-    bootstrap: int = 1000             # resamples for the 95 % intervals
-    intervals: str = "utterance"      # resample utterances, or speakers (SpkrID) and then their utterances
-    emo_superb_eval_batch_size: int = 32  # EMO-SUPERB's eval_batch_size: the batches its F1 is averaged over
-
-    def check(self, where: str) -> None:
-        if self.loss not in ("class_balanced", "cross_entropy"):
-            raise SettingsError(f"{where}.loss: must be class_balanced or cross_entropy, got {self.loss!r}")
-        if self.class_weights not in ("soft", "consensus"):
-            raise SettingsError(f"{where}.class_weights: must be soft or consensus, got {self.class_weights!r}")
-        if self.intervals not in UNITS:
-            raise SettingsError(f"{where}.intervals: must be utterance or speaker, got {self.intervals!r}")
-        if self.emo_superb_eval_batch_size < 1:
-            raise SettingsError(f"{where}.emo_superb_eval_batch_size: must be positive, "
-                                f"got {self.emo_superb_eval_batch_size}")
-        if self.bootstrap < 1000:
-            raise SettingsError(f"{where}.bootstrap: at least 1000 resamples, got {self.bootstrap}")
+    bootstrap: int = field(default=1000, metadata={"min": 1000})   # resamples for the 95 % intervals
+    # resample utterances, or speakers (SpkrID) and then their utterances
+    intervals: Literal["utterance", "speaker"] = "utterance"
+    # EMO-SUPERB's eval_batch_size: the batches its F1 is averaged over
+    emo_superb_eval_batch_size: int = field(default=32, metadata={"min": 1})
 
 
 def emotion_fields(utt: Utterance) -> tuple:

@@ -27,6 +27,7 @@ class CorpusExpert(nn.Module):
     name = "downstream"
     sections: dict[str, type] = {}
     default_selection = "loss"
+    selectable: tuple[str, ...] = ("loss",)   # the metrics its evaluation writes that `selection` may name
     needs_transcripts = False
 
     def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
@@ -35,7 +36,7 @@ class CorpusExpert(nn.Module):
         self.datarc = settings.parse(DataSettings, config.pop("datarc", None), "downstream_expert.datarc")
         self.settings = {section: settings.parse(cls, config.pop(section, None), f"downstream_expert.{section}")
                          for section, cls in self.sections.items()}
-        self.selection = BestCheckpoint(config.pop("selection", self.default_selection))
+        self.selection = BestCheckpoint(config.pop("selection", self.default_selection), self.selectable)
         if config:
             allowed = ", ".join(["datarc", *self.sections, "selection"])
             raise settings.SettingsError(f"downstream_expert: unknown key(s) {', '.join(sorted(config))} "

@@ -13,12 +13,14 @@ from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
+from adaltm_downstream.common.selection import ASR_METRICS
 
 
 class DownstreamExpert(CorpusExpert):
     name = "msp_podcast_asr"
     sections = {"asr": AsrSettings}
     default_selection = "loss"
+    selectable = ASR_METRICS
     needs_transcripts = True
 
     def build(self, upstream_dim: int) -> None:

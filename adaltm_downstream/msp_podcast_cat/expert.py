@@ -12,12 +12,14 @@ from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, speakers_of
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
+from adaltm_downstream.common.selection import EMOTION_METRICS
 
 
 class DownstreamExpert(CorpusExpert):
     name = "msp_podcast_cat"
     sections = {"emotion": EmotionSettings}
     default_selection = "loss"
+    selectable = EMOTION_METRICS
 
     def build(self, upstream_dim: int) -> None:
         self.emotion = EmotionTask(upstream_dim, self.settings["emotion"], self.utterances["train"])

@@ -8,30 +8,27 @@ trainable") or with `adaltm_wavlm` and `merge.train_merged_weights: true` ("MTL 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from adaltm_core.settings import SettingsError
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.ctc import AsrSettings, CTCTask, Vocabulary, normalize_text
 from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, speakers_of
 from adaltm_downstream.common.expert import CorpusExpert
 from adaltm_downstream.common.heads import pad_features
+from adaltm_downstream.common.selection import ASR_METRICS, EMOTION_METRICS
 
 
 @dataclass
 class MultiTaskSettings:
     """`downstream_expert.multitask`."""
-    asr_weight: float = 0.5
-
-    def check(self, where: str) -> None:
-        if not 0.0 <= self.asr_weight <= 1.0:
-            raise SettingsError(f"{where}.asr_weight: must be in [0, 1], got {self.asr_weight}")
+    asr_weight: float = field(default=0.5, metadata={"min": 0, "max": 1})
 
 
 class DownstreamExpert(CorpusExpert):
     name = "msp_podcast_mtl"
     sections = {"emotion": EmotionSettings, "asr": AsrSettings, "multitask": MultiTaskSettings}
     default_selection = "loss"
+    selectable = EMOTION_METRICS + ASR_METRICS[1:]
     needs_transcripts = True
 
     def build(self, upstream_dim: int) -> None:
