@@ -110,7 +110,12 @@ def parse(cls: type[T], data: Any, where: str) -> T:
             _check_bounds(key(where, name), values[name], field.metadata)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise SettingsError(f"{key(where, name)}: missing")
-    settings = cls(**values)
+    try:
+        settings = cls(**values)
+    except SettingsError:
+        raise
+    except UserError as error:  # a dataclass's own __post_init__ check: its message starts with the field name
+        raise SettingsError(key(where, str(error))) from None
     check = getattr(settings, "check", None)
     if check:
         check(where)

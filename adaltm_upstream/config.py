@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 
 from adaltm_core.settings import SettingsError, key, parse
+from adaltm_upstream.vector_ops import LambdaConstraints, VectorOps
 
 
 class ConfigError(SettingsError):
@@ -20,13 +21,19 @@ class ConfigError(SettingsError):
 
 @dataclass(frozen=True)
 class MergeConfig:
-    granularity: Literal["layerwise", "global", "static"] = "layerwise"
+    # tensorwise: one λ per tensor and task (AdaMerging's original granularity)
+    granularity: Literal["layerwise", "global", "static", "tensorwise"] = "layerwise"
     init: float | dict[str, float] = 0.5
     # Where the encoder's own LayerNorm goes: `adjacent` = with the transformer layer it normalises
     # (the last one in pre-LN WavLM-Large, the first one in post-LN Base), `outside` = group 0.
     encoder_norm_group: Literal["adjacent", "outside"] = "adjacent"
     # MTL baseline "static init": the merged weights become ordinary trainable parameters.
     train_merged_weights: bool = False
+    # Applied to the task vectors once, before merging (trim_top_k, ties, ties_aggregate, dare_p, dare_seed,
+    # dare_rescale); recorded in checkpoints (resume with other operations is refused) and exports.
+    vector_ops: VectorOps = field(default_factory=VectorOps)
+    # λ as merged: clamp [low, high], then normalize across tasks (softmax | sum); the raw λ are what trains.
+    constraints: LambdaConstraints = field(default_factory=LambdaConstraints)
 
     def init_for(self, task: str) -> float:
         return float(self.init[task]) if isinstance(self.init, dict) else float(self.init)

@@ -18,6 +18,7 @@ What s3prl sees of it:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import torch
@@ -26,12 +27,13 @@ from torch.distributed import get_rank, is_initialized
 from torch.nn.parallel import DistributedDataParallel
 
 from adaltm_core.errors import UserError
-from adaltm_upstream import task_vectors
+from adaltm_upstream import task_vectors, vector_ops
 from adaltm_upstream.backbone import WavLMBackbone
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
 from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.groups import partition
-from adaltm_upstream.merging import GroupedMerge
+from adaltm_upstream.merging import NO_CONSTRAINTS, NO_OPS, GroupedMerge
+from adaltm_upstream.vector_ops import LambdaConstraints
 
 STATES_FORMAT = "adaltm-states/2"
 LOG_EVERY = 20  # training forwards between two λ points in tensorboard
@@ -56,7 +58,7 @@ class AdaLTMUpstream(nn.Module):
         self.tasks = config.tasks
         self.fingerprint = hashlib.sha256("|".join(
             [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
-        ).encode()).hexdigest()[:32]
+            + _method_record(config)).encode()).hexdigest()[:32]
 
         self.backbone = WavLMBackbone.from_checkpoint(base, config.hidden_states, sdpa=config.speed.sdpa_attention)
         self.backbone.requires_grad_(False)
@@ -67,6 +69,7 @@ class AdaLTMUpstream(nn.Module):
             init=[config.merge.init_for(t) for t in self.tasks], granularity=config.merge.granularity,
             frozen_groups=frozenset({0}) if config.speed.freeze_group0 else frozenset(),
             vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype],
+            tasks=self.tasks, ops=config.merge.vector_ops, constraints=config.merge.constraints,
         )
         self.trains_weights = config.merge.train_merged_weights
         if self.trains_weights:
@@ -109,7 +112,9 @@ class AdaLTMUpstream(nn.Module):
     # -- checkpoints: λ and a fingerprint, never the frozen tensors ------------------------------------------
     def get_extra_state(self) -> dict:
         state = {"format": STATES_FORMAT, "fingerprint": self.fingerprint, "tasks": list(self.tasks),
-                 "granularity": self.config.merge.granularity, "log_step": self.log_step}
+                 "granularity": self.config.merge.granularity, "log_step": self.log_step,
+                 "vector_ops": self.config.merge.vector_ops.record(),
+                 "constraints": self.config.merge.constraints.record()}
         if self.trains_weights:
             state.update(architecture=self.backbone.config.to_dict(), normalize=self.backbone.normalize)
         return state
@@ -118,6 +123,13 @@ class AdaLTMUpstream(nn.Module):
         """Runs before the children's states load, so a mismatch is refused before any λ changes."""
         found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
         expected = (self.fingerprint, self.tasks, self.config.merge.granularity)
+        merge = self.config.merge
+        methods = (state.get("vector_ops", NO_OPS.record()), state.get("constraints", NO_CONSTRAINTS.record()))
+        if found[1:] == expected[1:] and methods != (merge.vector_ops.record(), merge.constraints.record()):
+            raise StatesMismatch(
+                f"{self.config.source}: the checkpoint's λ were trained with other task-vector operations or λ "
+                f"constraints (merge.vector_ops {methods[0]}, merge.constraints {methods[1]}; this config gives "
+                f"{merge.vector_ops.record()}, {merge.constraints.record()})")
         if found != expected:
             raise StatesMismatch(
                 f"{self.config.source}: the checkpoint's λ were trained on another base, other task vectors or "
@@ -127,8 +139,8 @@ class AdaLTMUpstream(nn.Module):
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def lambdas(self) -> torch.Tensor:
-        """λ as (groups × tasks)."""
-        return self.merge.lambdas().detach()
+        """λ as merged (after merge.constraints), (rows × tasks): rows are groups, or tensors for tensorwise."""
+        return self.merge.effective_lambdas().detach()
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         """Canonical merged weights at the current λ (what `adaltm export` writes)."""
@@ -149,9 +161,11 @@ class AdaLTMUpstream(nn.Module):
 
             self._writer = SummaryWriter(self._expdir, filename_suffix=".adaltm")
         lambdas = self.lambdas().cpu()
+        rows = torch.tensor(self.merge.row_group)
         for t, task in enumerate(self.tasks):
-            for g in range(lambdas.shape[0]):
-                self._writer.add_scalar(f"adaltm_lambda/{task}/group_{g:02d}", float(lambdas[g, t]), self.log_step)
+            for g in range(self.merge.num_groups):  # tensorwise: the mean over the group's tensors
+                value = lambdas[rows == g, t].mean() if self.merge.granularity == "tensorwise" else lambdas[g, t]
+                self._writer.add_scalar(f"adaltm_lambda/{task}/group_{g:02d}", float(value), self.log_step)
         self._writer.flush()
 
     def _become_trainable_weights(self) -> None:
@@ -188,9 +202,28 @@ def _frozen_backbone_not_missing(module: nn.Module, incompatible) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith("backbone.")]
 
 
+def _method_record(config: UpstreamConfig) -> list[str]:
+    """Fingerprint parts for task-vector operations and λ constraints; none when unused, so runs without them keep
+    their fingerprints."""
+    parts = []
+    if not config.merge.vector_ops.identity:
+        parts.append("ops=" + json.dumps(config.merge.vector_ops.record(), sort_keys=True))
+    if config.merge.constraints != NO_CONSTRAINTS:
+        parts.append("constraints=" + json.dumps(config.merge.constraints.record(), sort_keys=True))
+    return parts
+
+
 def read_lambdas(upstream_state: dict) -> tuple[list[str], torch.Tensor] | None:
-    """(tasks, λ as groups × tasks) from the `Upstream` entry of an `adaltm_wavlm` states checkpoint, or None."""
+    """(tasks, λ as merged, rows × tasks) from the `Upstream` entry of an `adaltm_wavlm` states checkpoint, or None.
+    Rows are layer groups, or tensors for tensorwise (`lambda_rows` names them)."""
     top, merge = upstream_state.get("_extra_state"), upstream_state.get("merge._extra_state")
     if not isinstance(top, dict) or top.get("format") != STATES_FORMAT or not isinstance(merge, dict):
         return None
-    return list(top["tasks"]), merge["lambdas"]
+    constraints = LambdaConstraints(**merge.get("constraints", {}))
+    return list(top["tasks"]), vector_ops.constrain(merge["lambdas"], constraints)
+
+
+def lambda_rows(upstream_state: dict) -> list[str]:
+    """Names of the λ rows in `read_lambdas`: `group_<g>`, or canonical tensor names for tensorwise."""
+    merge = upstream_state.get("merge._extra_state") or {}
+    return list(merge.get("row_names") or [f"group_{g}" for g in range(len(merge.get("lambdas", [])))])

@@ -56,8 +56,13 @@ def export(config_path: str, states_path: str | None, output: str | Path, fmt: s
     merged = upstream.merged_state()
     output = Path(output)
     backbone = upstream.backbone
+    merge = upstream.config.merge
     provenance = {"config": str(config_path), "states": str(states_path), "tasks": upstream.tasks,
-                  "lambdas": upstream.lambdas().tolist(), "fingerprint": upstream.fingerprint}
+                  "lambdas": upstream.lambdas().tolist(), "fingerprint": upstream.fingerprint,
+                  "granularity": merge.granularity, "lambda_rows": upstream.merge.row_names,
+                  "raw_lambdas": upstream.merge.lambdas().detach().tolist(),
+                  "vector_ops": merge.vector_ops.record(), "constraints": merge.constraints.record(),
+                  "torch": torch.__version__}  # DARE masks come from torch's CPU generator
     if fmt == "hf":
         model = WavLMModel(backbone.config)
         model.load_state_dict(merged)

@@ -4,7 +4,14 @@ Each group's base weights live in one contiguous fp32 buffer and its task vector
 so a merge is one `addmv` per group (25 for WavLM-Large) instead of ~500 per-tensor Python expressions, and every
 merged tensor is a view into its group's result. dL/dλ_t^(g) = ⟨dL/dW^(g), τ_t^(g)⟩ comes from autograd through
 `addmv`. Base and vectors are non-persistent buffers: they never reach a checkpoint; λ (a parameter when trained)
-and their full (groups × tasks) matrix (extra state) do.
+and their full (rows × tasks) matrix (extra state) do.
+
+Granularities: `layerwise` (one λ row per group), `global` (one row shared by all groups), `static` (fixed λ),
+`tensorwise` (one row per tensor, AdaMerging's original; rows in flat-layout order, named by `row_names`). Tensorwise
+merges each tensor with its own `addmv` over views of the group buffers, whose result is used directly as that
+tensor: exact dλ and about the cost of the layerwise merge on CPU (/work/notes/tensorwise_bench.py; no flat result,
+no `cat`, no λ expanded to the buffer's length). Task-vector operations (`vector_ops`: trim, TIES, DARE) are applied
+group by group while the buffers fill, and λ constraints (clamp, normalisation across tasks) on every merge.
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-Granularity = Literal["layerwise", "global", "static"]
+from adaltm_upstream import vector_ops
+from adaltm_upstream.vector_ops import LambdaConstraints, VectorOps
+
+Granularity = Literal["layerwise", "global", "static", "tensorwise"]
+NO_OPS, NO_CONSTRAINTS = VectorOps(), LambdaConstraints()
 
 
 @dataclass(frozen=True)
@@ -38,29 +49,56 @@ def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.d
     return flat
 
 
+def _fill_vectors(slots: list[Slot], vectors: list[Mapping[str, torch.Tensor]], tasks: list[str], ops: VectorOps,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """One group's (tasks × numel) buffer, its tensors processed by `ops` one name at a time on the way in, so the
+    extra memory is one name's tensors across tasks (never a processed copy of all vectors)."""
+    offsets, start = {}, 0
+    for slot in slots:
+        offsets[slot.name] = (start, slot.numel)
+        start += slot.numel
+    tau = torch.zeros(len(vectors), start, dtype=dtype)
+    inputs = [{s.name: v[s.name] for s in slots if s.name in v} for v in vectors]
+    for name, values in vector_ops.process(ops, inputs, tasks):
+        offset, numel = offsets[name]
+        for t, value in enumerate(values):
+            if value is not None:
+                tau[t, offset:offset + numel].copy_(value.reshape(-1))
+    return tau
+
+
 class GroupedMerge(nn.Module):
     def __init__(self, base: Mapping[str, torch.Tensor], vectors: list[Mapping[str, torch.Tensor]],
                  groups: list[list[str]], init: list[float], granularity: Granularity,
-                 frozen_groups: frozenset[int] = frozenset(), vector_dtype: torch.dtype = torch.float32):
+                 frozen_groups: frozenset[int] = frozenset(), vector_dtype: torch.dtype = torch.float32,
+                 tasks: list[str] | None = None, ops: VectorOps = NO_OPS,
+                 constraints: LambdaConstraints = NO_CONSTRAINTS):
+        """`tasks` name the vectors (DARE seeds its masks by task name; default t0, t1, ...)."""
         super().__init__()
         self.granularity = granularity
+        self.constraints = constraints
         self.num_groups, self.num_tasks = len(groups), len(vectors)
+        tasks = list(tasks) if tasks is not None else [f"t{t}" for t in range(self.num_tasks)]
         self.layout = [[Slot(n, tuple(base[n].shape), base[n].numel()) for n in names] for names in groups]
         for g, slots in enumerate(self.layout):
             self.register_buffer(f"base_{g}", _flat(slots, base, torch.float32), persistent=False)
-            tau = torch.zeros(self.num_tasks, sum(s.numel for s in slots), dtype=vector_dtype)
-            for t, vector in enumerate(vectors):
-                tau[t] = _flat(slots, vector, vector_dtype)
-            self.register_buffer(f"tau_{g}", tau, persistent=False)
+            self.register_buffer(f"tau_{g}", _fill_vectors(slots, vectors, tasks, ops, vector_dtype), persistent=False)
 
-        initial = torch.tensor(init, dtype=torch.float32).expand(self.num_groups, self.num_tasks).clone()
-        self.frozen_groups = frozenset(frozen_groups) if granularity == "layerwise" else frozenset()
-        self.trainable_groups = [g for g in range(self.num_groups) if g not in self.frozen_groups]
+        # λ rows: one per group, or one per tensor (tensorwise); `row_group` maps a row to its group.
+        if granularity == "tensorwise":
+            self.row_group = [g for g, slots in enumerate(self.layout) for _ in slots]
+            self.row_names = [s.name for slots in self.layout for s in slots]
+        else:
+            self.row_group = list(range(self.num_groups))
+            self.row_names = [f"group_{g}" for g in range(self.num_groups)]
+        initial = torch.tensor(init, dtype=torch.float32).expand(len(self.row_group), self.num_tasks).clone()
+        self.frozen_groups = frozenset(frozen_groups) if granularity in ("layerwise", "tensorwise") else frozenset()
+        self.trainable_rows = [r for r, g in enumerate(self.row_group) if g not in self.frozen_groups]
         self.register_buffer("fixed", initial, persistent=False)
         if granularity == "global" and self.num_tasks:
             self.coefficients = nn.Parameter(initial[:1].clone())
-        elif granularity == "layerwise" and self.num_tasks:
-            self.coefficients = nn.Parameter(initial[self.trainable_groups].clone())
+        elif granularity in ("layerwise", "tensorwise") and self.num_tasks:
+            self.coefficients = nn.Parameter(initial[self.trainable_rows].clone())
         self._cache: tuple | None = None
 
     @property
@@ -68,7 +106,7 @@ class GroupedMerge(nn.Module):
         return hasattr(self, "coefficients")
 
     def lambdas(self) -> torch.Tensor:
-        """λ as (groups × tasks), whatever the granularity."""
+        """Raw λ as (rows × tasks): rows are groups, or tensors for `tensorwise` (what the optimizer trains)."""
         if not self.trainable:
             return self.fixed
         if self.granularity == "global":
@@ -76,23 +114,31 @@ class GroupedMerge(nn.Module):
         if not self.frozen_groups:
             return self.coefficients
         rows = list(self.fixed.unbind(0))
-        for row, g in zip(self.coefficients.unbind(0), self.trainable_groups):
-            rows[g] = row
+        for row, r in zip(self.coefficients.unbind(0), self.trainable_rows):
+            rows[r] = row
         return torch.stack(rows)
+
+    def effective_lambdas(self) -> torch.Tensor:
+        """λ as merged: the raw λ through the constraints (clamp, normalisation across tasks)."""
+        return vector_ops.constrain(self.lambdas(), self.constraints)
 
     def set_lambdas(self, values: torch.Tensor) -> None:
         values = values.to(self.fixed.device, torch.float32)
-        if tuple(values.shape) != (self.num_groups, self.num_tasks):
-            raise ValueError(f"λ has shape {tuple(values.shape)}, expected {(self.num_groups, self.num_tasks)}")
+        if tuple(values.shape) != tuple(self.fixed.shape):
+            raise ValueError(f"λ has shape {tuple(values.shape)}, expected {tuple(self.fixed.shape)}")
         with torch.no_grad():
             self.fixed.copy_(values)
             if self.granularity == "global" and self.trainable:
                 self.coefficients.copy_(values[:1])
             elif self.trainable:
-                self.coefficients.copy_(values[self.trainable_groups])
+                self.coefficients.copy_(values[self.trainable_rows])
 
     def get_extra_state(self) -> dict:
-        return {"granularity": self.granularity, "lambdas": self.lambdas().detach().cpu().clone()}
+        state = {"granularity": self.granularity, "lambdas": self.lambdas().detach().cpu().clone(),
+                 "constraints": self.constraints.record()}
+        if self.granularity == "tensorwise":
+            state["row_names"] = list(self.row_names)
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         self.set_lambdas(state["lambdas"])
@@ -123,6 +169,13 @@ class GroupedMerge(nn.Module):
             return base
         return torch.addmv(base, tau.t().to(base.dtype), lam.to(base.dtype))
 
+    def merge_tensors(self, g: int, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensorwise: each tensor of group g by its own `addmv` over views of the flat buffers, λ row by row."""
+        base, tau = self._base(g), getattr(self, f"tau_{g}")
+        slots, sizes = self.layout[g], [s.numel for s in self.layout[g]]
+        return {s.name: torch.addmv(b, v.t().to(b.dtype), row.to(b.dtype)).view(s.shape)
+                for s, b, v, row in zip(slots, base.split(sizes), tau.split(sizes, dim=1), lam.unbind(0))}
+
     def forward(self) -> dict[str, torch.Tensor]:
         """Merged weights by canonical name. Without autograd (evaluation) the result is cached until λ
         changes (an optimizer step bumps its version), so inference costs no merge at all."""
@@ -132,13 +185,20 @@ class GroupedMerge(nn.Module):
                    self._base(0).data_ptr())
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        lambdas = self.lambdas()
+        lambdas = self.effective_lambdas()
         merged: dict[str, torch.Tensor] = {}
+        row = 0
         for g, slots in enumerate(self.layout):
             if not slots:
                 continue
-            lam = lambdas[g].detach() if g in self.frozen_groups else lambdas[g]
-            merged.update(self.unflatten(g, self.merge_group(g, lam)))
+            rows = len(slots) if self.granularity == "tensorwise" else 1
+            lam = lambdas[row:row + rows] if self.granularity == "tensorwise" else lambdas[g]
+            row += rows
+            lam = lam.detach() if g in self.frozen_groups else lam
+            if self.granularity == "tensorwise" and self.num_tasks:
+                merged.update(self.merge_tensors(g, lam))
+            else:
+                merged.update(self.unflatten(g, self.merge_group(g, lam)))
         if key is not None:
             self._cache = (key, {k: v.detach() for k, v in merged.items()})
             return self._cache[1]

@@ -21,14 +21,15 @@ def selected_checkpoint(expdir: str | Path) -> Path:
     return states[-1]
 
 
-def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]]]:
-    """(tasks, λ as groups × tasks) of an adaltm_wavlm run."""
+def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]], bool]:
+    """(tasks, λ as merged, rows × tasks, whether rows are tensors (tensorwise) rather than groups)."""
     path = selected_checkpoint(expdir)
-    found = expert.read_lambdas(torch_load(path).get("Upstream") or {})
+    upstream = torch_load(path).get("Upstream") or {}
+    found = expert.read_lambdas(upstream)
     if found is None:
         raise UserError(f"{path}: no learned λ (not an adaltm_wavlm run with trainable λ)")
     tasks, lambdas = found
-    return tasks, lambdas.tolist()
+    return tasks, lambdas.tolist(), not expert.lambda_rows(upstream)[0].startswith("group_")
 
 
 def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | None = None) -> Path:
@@ -38,15 +39,18 @@ def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    per_tensor = False
     for i, expdir in enumerate(expdirs):
-        tasks, lambdas = read_lambdas(expdir)
+        tasks, lambdas, tensors = read_lambdas(expdir)
+        per_tensor |= tensors
         run = labels[i] if labels else Path(expdir).name
         groups = list(range(len(lambdas)))
         for t, task in enumerate(tasks):
             ax.plot(groups, [row[t] for row in lambdas], marker="o", markersize=3, label=f"{run}: λ_{task}")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("layer group (0 = CNN + positional conv, l = transformer layer l)")
+    ax.set_xlabel("tensor, in layer-group order (tensorwise λ)" if per_tensor
+                  else "layer group (0 = CNN + positional conv, l = transformer layer l)")
     ax.set_ylabel("λ")
     ax.set_title("Learned merging coefficients per layer")
     ax.legend(fontsize=8)
