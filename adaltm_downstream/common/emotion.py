@@ -88,27 +88,7 @@ class EmotionTask(nn.Module):
         return [f"{CLASS_NAMES[int(p.argmax())]}\t" + " ".join(f"{v:.4f}" for v in p.tolist()) for p in probabilities]
 
     def evaluate(self, records, test_set: str, speakers: dict[str, str]) -> dict:
-        """Metrics with 95 % intervals; `speakers`: file -> SpkrID, used when `intervals: speaker`."""
-        probabilities, files = np.asarray(records["probabilities"]), list(records["files"])
-        metrics = emotion_metrics(records["labels"], probabilities)
-        groups = None
-        if self.settings.intervals == "speaker":
-            unknown = [f for f in files if not speakers.get(f)]
-            if unknown:
-                raise SettingsError(f"downstream_expert.emotion.intervals: speaker needs a SpkrID for every "
-                                    f"utterance; {len(unknown)} of {test_set} have none in the labels (e.g. "
-                                    f"{unknown[0]}): set intervals: utterance")
-            groups = [speakers[f] for f in files]
-        size = self.settings.emo_superb_eval_batch_size
-        return {**metrics, "loss": float(np.mean(records["emotion_loss"])), "test_set": test_set,
-                "classes": list(CLASSES),
-                "ci95": bootstrap_intervals(records["labels"], probabilities.argmax(axis=1), len(CLASSES),
-                                            self.settings.bootstrap, groups),
-                "intervals": {"unit": self.settings.intervals, "resamples": self.settings.bootstrap,
-                              "method": "percentile, confidence-intervals 0.0.3 resampling"},
-                "emo_superb_f1": emo_superb_f1(files, records["targets"], probabilities, size),
-                "emo_superb_eval_batch_size": size,
-                "emo_superb_f1_whole_set": emo_superb_f1_whole_set(records["targets"], probabilities)}
+        return evaluate_emotion(self.settings, records, test_set, speakers)
 
     @staticmethod
     def write(expdir: Path, split: str, records, metrics: dict, speakers: dict[str, str]) -> None:
@@ -117,3 +97,28 @@ class EmotionTask(nn.Module):
                                   [speakers.get(f, "") for f in records["files"]])
         reports.plot_confusion(expdir / f"{split}_confusion.png", metrics["confusion"],
                                f"{split} ({metrics['test_set']}): UAR {metrics['uar']:.3f}")
+
+
+def evaluate_emotion(settings: EmotionSettings, records, test_set: str, speakers: dict[str, str]) -> dict:
+    """Metrics with 95 % intervals from the records (`emotion_loss`, `probabilities`, `labels`, `targets`, `files`)
+    of any emotion head; `speakers`: file -> SpkrID, used when `intervals: speaker`."""
+    probabilities, files = np.asarray(records["probabilities"]), list(records["files"])
+    metrics = emotion_metrics(records["labels"], probabilities)
+    groups = None
+    if settings.intervals == "speaker":
+        unknown = [f for f in files if not speakers.get(f)]
+        if unknown:
+            raise SettingsError(f"downstream_expert.emotion.intervals: speaker needs a SpkrID for every "
+                                f"utterance; {len(unknown)} of {test_set} have none in the labels (e.g. "
+                                f"{unknown[0]}): set intervals: utterance")
+        groups = [speakers[f] for f in files]
+    size = settings.emo_superb_eval_batch_size
+    return {**metrics, "loss": float(np.mean(records["emotion_loss"])), "test_set": test_set,
+            "classes": list(CLASSES),
+            "ci95": bootstrap_intervals(records["labels"], probabilities.argmax(axis=1), len(CLASSES),
+                                        settings.bootstrap, groups),
+            "intervals": {"unit": settings.intervals, "resamples": settings.bootstrap,
+                          "method": "percentile, confidence-intervals 0.0.3 resampling"},
+            "emo_superb_f1": emo_superb_f1(files, records["targets"], probabilities, size),
+            "emo_superb_eval_batch_size": size,
+            "emo_superb_f1_whole_set": emo_superb_f1_whole_set(records["targets"], probabilities)}

@@ -28,11 +28,16 @@ class FrozenHeadError(UserError):
     """The states file cannot provide a frozen emotion head; names the file and what is missing."""
 
 
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of H(softmax(logits)) = −Σ_c p_c log p_c, in nats. Computed from log-softmax, so exact
-    where FusionBench adds 1e-8 inside the log."""
+def entropies(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) = −Σ_c p_c log p_c per row, in nats. Computed from log-softmax, so exact where
+    FusionBench adds 1e-8 inside the log."""
     log_p = logits.float().log_softmax(dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1).mean()
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """AdaMerging's objective: the mean over the batch of the prediction entropy."""
+    return entropies(logits).mean()
 
 
 class FrozenEmotionHead(nn.Module):
