@@ -62,7 +62,7 @@ def export(config_path: str, states_path: str | None, output: str | Path, fmt: s
                   "granularity": merge.granularity, "lambda_rows": upstream.merge.row_names,
                   "raw_lambdas": upstream.merge.lambdas().detach().tolist(),
                   "vector_ops": merge.vector_ops.record(), "constraints": merge.constraints.record(),
-                  "torch": torch.__version__}  # DARE masks come from torch's CPU generator
+                  "torch": str(torch.__version__)}  # DARE masks come from torch's CPU generator
     if fmt == "hf":
         model = WavLMModel(backbone.config)
         model.load_state_dict(merged)

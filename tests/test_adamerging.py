@@ -81,7 +81,7 @@ def test_test_split_scored_like_every_row_matches_the_frozen_head_on_the_learned
     upstream.load_state_dict(torch_load(expdir / "dev-best.ckpt")["Upstream"])
     head = load_frozen_head(head_path)
     root, _ = mini_msp
-    paths = {p.stem: p for p in root.rglob("*.wav")}
+    paths = {p.name: p for p in root.rglob("*.wav")}
     entropy = []
     with torch.no_grad():
         for row in rows[:3]:
