@@ -114,6 +114,16 @@ def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=int, default=1000)
 
 
+def _grid_search(args: argparse.Namespace) -> None:
+    from adaltm_recipes.grid_search import grid_search, parse_values
+
+    result = grid_search(args.config, args.head, parse_values(args.values), args.out, args.split, args.select,
+                         args.test_split, args.device)
+    for point in result["points"]:
+        print(f"λ = {point['lambda']:g}: {args.select} {point[args.select]:.4f}")
+    print(f"λ* = {result['best_lambda']:g}; wrote {args.out}/grid.json and {args.out}/grid.png")
+
+
 def _superb(args: argparse.Namespace) -> None:
     from adaltm_recipes.superb import run_superb
 
@@ -182,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    grid = commands.add_parser("grid-search", help="task arithmetic: one global λ chosen on the dev set")
+    grid.add_argument("-g", "--config", required=True, help="adaltm_wavlm config (-g): base, task vectors, vector_ops")
+    grid.add_argument("--head", required=True, help="EXPDIR/dev-best.ckpt of a finished emotion run (kept frozen)")
+    grid.add_argument("--values", default="0:1:0.1", help="start:stop:step (stop included) or a list 0.2,0.5")
+    grid.add_argument("--split", default="dev", help="the split λ is chosen on")
+    grid.add_argument("--select", default="loss", help="loss (lowest), uar or macro_f1 (highest)")
+    grid.add_argument("--test-split", help="also evaluate this split, at λ* only (e.g. test)")
+    grid.add_argument("--device", help="passed to run_downstream.py (default: cuda when available)")
+    grid.add_argument("-o", "--out", default="results/grid", help="OUT/grid.json, OUT/grid.png, OUT/lambda_<λ>/")
+    grid.set_defaults(run=_grid_search)
 
     superb = commands.add_parser("superb", help="stock SUPERB tasks with a merged upstream: train, test, one table")
     upstream = superb.add_mutually_exclusive_group(required=True)
