@@ -11,6 +11,9 @@ All figures of one run come from the same process, device and inputs (random Wav
   frozen    no-grad forward of an exported merged model in our backbone (what inference costs)
   ablations adaltm_eager (no SDPA), adaltm_bf16 (bf16 task vectors), adaltm_freeze0 (λ of group 0 frozen: no CNN
             backward), adaltm_compile (torch.compile of the backbone forward; GPU only unless --compile-on-cpu)
+  methods   what a merging method adds to a step: adaltm_tensorwise (one λ per tensor, AdaMerging's granularity),
+            adaltm_tensorwise_softmax (+ clamp [0, 1] and softmax across tasks), adaltm_ties (TIES task vectors:
+            same step, the one-off construction cost is reported as `construction_s`)
 
 Also reported: the fast path's hidden states and dλ against the naive path (same weights, same λ), and the padded
 fraction of length-bucketed batches on an MSP-Podcast-like length distribution.
@@ -136,7 +139,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default="naive,adaltm,finetune,frozen,adaltm_eager,adaltm_bf16,adaltm_freeze0,"
-                                              "adaltm_compile")
+                                              "adaltm_compile,adaltm_tensorwise,adaltm_tensorwise_softmax,adaltm_ties")
     parser.add_argument("--compile-on-cpu", action="store_true")
     parser.add_argument("--out", help="result file (default benchmarks/results/<date>-<device>.json)")
     args = parser.parse_args()
@@ -158,11 +161,12 @@ def main() -> None:
     layers = config.num_hidden_layers
     base_fingerprint = fingerprint(base)
 
-    def upstream(**speed) -> AdaLTMUpstream:
+    def upstream(merge: dict | None = None, **speed) -> AdaLTMUpstream:
         cpu_base = Checkpoint("<memory>", "hf", config, False, base)
         vectors = [TaskVector(f"<{t}>", tau[t], {"base_fingerprint": base_fingerprint}) for t in ("asr", "ser")]
         cfg = from_dict({"base": "<memory>", "task_vectors": {"asr": "<asr>", "ser": "<ser>"},
-                         "merge": {"granularity": "layerwise", "init": 0.5}, "speed": speed}, base_override="<memory>")
+                         "merge": {"granularity": "layerwise", "init": 0.5, **(merge or {})}, "speed": speed},
+                        base_override="<memory>")
         # the tiny/large random model is not normalised per utterance, like the naive reference
         module = AdaLTMUpstream(cfg, base=cpu_base, vectors=vectors).to(device).train()
         return module
@@ -195,7 +199,7 @@ def main() -> None:
             return
         step = build()
         results[name] = timed(step, args.warmup + (name == "adaltm_compile"), args.iters, device)
-        print(f"{name:15s} {results[name][0]:9.1f} ms  peak {results[name][1]:.2f} GiB", flush=True)
+        print(f"{name:26s} {results[name][0]:9.1f} ms  peak {results[name][1]:.2f} GiB", flush=True)
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -208,15 +212,25 @@ def main() -> None:
         module = naive_module()
         return optimised(module, module.lam, lambda mod: mod(wav))
 
-    def lambda_training(speed: dict):
-        module = upstream(**speed)
+    construction_s: dict[str, float] = {}
+
+    def lambda_training(speed: dict, merge: dict | None = None, name: str = ""):
+        start = time.perf_counter()
+        module = upstream(merge, **speed)
+        construction_s[name] = round(time.perf_counter() - start, 2)
         return optimised(module, module.merge.coefficients, lambda mod: mod(wavs)["hidden_states"])
 
     measure("naive", naive_training)
     ablations = {"adaltm": {}, "adaltm_eager": {"sdpa_attention": False}, "adaltm_bf16": {"vector_dtype": "bfloat16"},
                  "adaltm_freeze0": {"freeze_group0": True}}
     for name, speed in ablations.items():
-        measure(name, lambda speed=speed: lambda_training(speed))
+        measure(name, lambda speed=speed, name=name: lambda_training(speed, name=name))
+    methods = {"adaltm_tensorwise": {"granularity": "tensorwise"},
+               "adaltm_tensorwise_softmax": {"granularity": "tensorwise",
+                                             "constraints": {"clamp": [0, 1], "normalize": "softmax"}},
+               "adaltm_ties": {"vector_ops": {"trim_top_k": 0.2, "ties": True}}}
+    for name, merge in methods.items():
+        measure(name, lambda merge=merge, name=name: lambda_training({}, merge, name))
     if device == "cuda" or args.compile_on_cpu:
         def compiled():
             module = upstream()
@@ -257,12 +271,16 @@ def main() -> None:
         "batch": batch, "seconds": seconds, "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny,
         "ms_per_step": {k: round(v[0], 2) for k, v in results.items()},
         "peak_gib": {k: (None if np.isnan(v[1]) else round(v[1], 2)) for k, v in results.items()},
-        "ratios": {}, "numerics": numerics, "bucketing_padded_fraction_msp_like": round(padded, 4),
+        "construction_s": construction_s, "ratios": {}, "numerics": numerics,
+        "bucketing_padded_fraction_msp_like": round(padded, 4),
         "date": datetime.date.today().isoformat(),
     }
     ms = report["ms_per_step"]
     if "naive" in ms and "adaltm" in ms:
         report["ratios"]["naive_over_adaltm"] = round(ms["naive"] / ms["adaltm"], 2)
+    for method in ("adaltm_tensorwise", "adaltm_tensorwise_softmax", "adaltm_ties"):
+        if method in ms and "adaltm" in ms:
+            report["ratios"][f"{method}_over_adaltm"] = round(ms[method] / ms["adaltm"], 2)
     if "finetune" in ms and "adaltm" in ms:
         report["ratios"]["finetune_over_adaltm"] = round(ms["finetune"] / ms["adaltm"], 2)
     print(json.dumps(report["ratios"]), f"padded fraction (MSP-like, bucketed) {padded:.3f}")
