@@ -93,6 +93,13 @@ def test_test_split_scored_like_every_row_matches_the_frozen_head_on_the_learned
             entropy.append(-(p * np.log(np.clip(p, 1e-30, None))).sum())
     assert metrics["loss"] == pytest.approx(np.mean(entropy), abs=1e-3)  # the reported loss is the entropy
 
+    question = paths[rows[0][0]]  # -m inference: the same prediction for one file
+    run_launcher(["-m", "inference", "-e", str(expdir / "dev-best.ckpt"), "-t", str(question)], cwd=work)
+    name, _, probabilities = (expdir / "inference.tsv").read_text().strip().split("\t")
+    assert name == question.stem
+    np.testing.assert_allclose([float(v) for v in probabilities.split()], [float(v) for v in rows[0][3:11]],
+                               atol=2e-4)
+
 
 def test_resume_continues_and_export_bakes_the_learned_merge(adapted, tmp_path):
     from adaltm_cli import main as cli

@@ -84,8 +84,7 @@ class EmotionTask(nn.Module):
 
     def describe(self, padded: torch.Tensor, valid: torch.Tensor) -> list[str]:
         """The predicted class and the 8 probabilities, per utterance."""
-        probabilities = torch.softmax(self.head(padded, valid).float(), dim=-1)
-        return [f"{CLASS_NAMES[int(p.argmax())]}\t" + " ".join(f"{v:.4f}" for v in p.tolist()) for p in probabilities]
+        return describe_probabilities(torch.softmax(self.head(padded, valid).float(), dim=-1))
 
     def evaluate(self, records, test_set: str, speakers: dict[str, str]) -> dict:
         return evaluate_emotion(self.settings, records, test_set, speakers)
@@ -97,6 +96,11 @@ class EmotionTask(nn.Module):
                                   [speakers.get(f, "") for f in records["files"]])
         reports.plot_confusion(expdir / f"{split}_confusion.png", metrics["confusion"],
                                f"{split} ({metrics['test_set']}): UAR {metrics['uar']:.3f}")
+
+
+def describe_probabilities(probabilities: torch.Tensor) -> list[str]:
+    """`-m inference` lines: the predicted class and the 8 probabilities, per utterance."""
+    return [f"{CLASS_NAMES[int(p.argmax())]}\t" + " ".join(f"{v:.4f}" for v in p.tolist()) for p in probabilities]
 
 
 def evaluate_emotion(settings: EmotionSettings, records, test_set: str, speakers: dict[str, str]) -> dict:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Literal
 
 from adaltm_downstream.common.corpus import Utterance
-from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emotion_fields, evaluate_emotion, speakers_of
+from adaltm_downstream.common.emotion import (
+    EmotionSettings,
+    EmotionTask,
+    describe_probabilities,
+    emotion_fields,
+    evaluate_emotion,
+    speakers_of,
+)
 from adaltm_downstream.common.entropy import entropies, load_frozen_head
 from adaltm_downstream.common.expert import CorpusExpert
 
@@ -64,3 +71,7 @@ class DownstreamExpert(CorpusExpert):
         metrics = evaluate_emotion(self.scoring, records, test_set, speakers)
         EmotionTask.write(self.expdir, split, records, metrics, speakers)
         return metrics
+
+    def describe(self, padded, valid) -> list[str]:
+        stacks = [utterance[mask] for utterance, mask in zip(padded, valid)]   # (frames, layers, dim) each
+        return describe_probabilities(self.head(stacks).float().softmax(dim=-1))
