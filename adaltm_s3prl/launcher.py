@@ -9,7 +9,7 @@ The command line is s3prl's; before handing over to `s3prl.run_downstream.main()
 
 from __future__ import annotations
 
-import argparse
+import errno
 import logging
 import os
 import sys
@@ -19,28 +19,18 @@ import torch
 
 from adaltm_core.errors import UserError
 from adaltm_s3prl import compat, registration
+from adaltm_s3prl.arguments import check_command_line, known_arguments
 
 LOG = logging.getLogger("adaltm")
-
-
-def _known_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flags, dest in ((("-c", "--config"), "config"), (("-d", "--downstream"), "downstream"),
-                        (("-e", "--past_exp"), "past_exp"), (("-u", "--upstream"), "upstream"),
-                        (("-g", "--upstream_model_config"), "upstream_model_config"),
-                        (("-k", "--upstream_ckpt"), "upstream_ckpt"),
-                        (("--device",), "device"), (("--backend",), "backend"),
-                        (("--local_rank",), "local_rank")):
-        parser.add_argument(*flags, dest=dest)
-    parser.add_argument("-f", "--upstream_trainable", action="store_true")
-    parser.add_argument("-h", "--help", action="store_true")
-    return parser.parse_known_args(argv)[0]
+# What the machine, not our code, refuses: a full disk, a quota, a read-only or unwritable place, a missing path.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR,
+                  errno.ENOTDIR}
 
 
 def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The argument list s3prl should see, and one notice line per argument added."""
     argv = [("--local_rank" + a[len("--local-rank"):]) if a.startswith("--local-rank") else a for a in argv]
-    known = _known_args(argv)
+    known = known_arguments(argv)
     notices: list[str] = []
     if known.help:
         return argv, notices
@@ -72,19 +62,40 @@ def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], li
     return argv, notices
 
 
+def one_line(error: BaseException) -> str:
+    """The user-facing line of an error. A `UserError` raised in a data-loader worker reaches the main process with
+    the worker's whole traceback as its message; its last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(error, OSError) and error.filename:
+        text = f"{error.filename}: {error.strerror or text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     argv, notices = prepare_argv(list(sys.argv[1:] if argv is None else argv), os.environ)
     for line in notices:
         print(f"[adaltm] {line}", file=sys.stderr)
-    applied = compat.apply_all()
-    LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
-    registration.register()
-
-    from s3prl import run_downstream
-
-    sys.argv = [sys.argv[0]] + argv
     try:
+        check_command_line(argv, os.environ)
+        applied = compat.apply_all()
+        LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
+        registration.register()
+
+        from s3prl import run_downstream
+
+        sys.argv = [sys.argv[0]] + argv
         run_downstream.main()
     except UserError as error:
-        print(f"[adaltm] error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
+    except OSError as error:
+        if error.errno not in MACHINE_ERRNOS:
+            raise
+        fail(error)
+
+
+def fail(error: BaseException) -> None:
+    print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
+    sys.exit(2)
