@@ -156,3 +156,26 @@ def test_launcher_names_the_file_a_data_loader_worker_failed_on(tmp_path, mini_m
     result = run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "msp_podcast_cat",
                            "-p", str(tmp_path / "exp"), "-o", override], cwd=tmp_path, check=False)
     assert_one_line_error(result, str(broken), "NaN")
+
+
+def test_cli_refuses_non_positive_counts_and_nan_states(tmp_path, merge_setup, capsys):
+    from adaltm_cli.main import main
+    from adaltm_upstream import adaltm_wavlm
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["make-demo-corpus", str(tmp_path / "c"), "--train", "-5"])
+    assert exit_.value.code == 2 and "--train" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+    config = {"base": str(merge_setup["base"]), "task_vectors": {"asr": str(merge_setup["asr"])}}
+    config_path = write_yaml(tmp_path / "up.yaml", config)
+    upstream = adaltm_wavlm(model_config=config)
+    with torch.no_grad():
+        upstream.merge.coefficients[1, 0] = float("nan")     # a run whose λ diverged
+    states = tmp_path / "states-9.ckpt"
+    torch.save({"Upstream": upstream.state_dict()}, states)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "-g", str(config_path), "--states", str(states), "-o", str(tmp_path / "m.pt"),
+              "--format", "s3prl"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "states-9.ckpt: the merged weight" in err and "not finite" in err
+    assert not (tmp_path / "m.pt").exists()
