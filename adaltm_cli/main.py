@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from adaltm_core.errors import UserError
+from adaltm_core.errors import UserError, one_line, reportable
 from adaltm_upstream import task_vectors
 
 
@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except UserError as error:
-        print(f"adaltm: error: {error}", file=sys.stderr)
+    except (UserError, OSError) as error:
+        if not reportable(error):
+            raise
+        print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
 

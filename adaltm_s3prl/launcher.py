@@ -9,7 +9,6 @@ The command line is s3prl's; before handing over to `s3prl.run_downstream.main()
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -17,15 +16,11 @@ from collections.abc import Mapping
 
 import torch
 
-from adaltm_core.errors import UserError
+from adaltm_core.errors import UserError, one_line, reportable
 from adaltm_s3prl import compat, registration
 from adaltm_s3prl.arguments import check_command_line, known_arguments
 
 LOG = logging.getLogger("adaltm")
-# What the machine, not our code, refuses: a full disk, a quota, a read-only or unwritable place, a missing path.
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR,
-                  errno.ENOTDIR}
-
 
 def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The argument list s3prl should see, and one notice line per argument added."""
@@ -62,18 +57,6 @@ def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], li
     return argv, notices
 
 
-def one_line(error: BaseException) -> str:
-    """The user-facing line of an error. A `UserError` raised in a data-loader worker reaches the main process with
-    the worker's whole traceback as its message; its last line is the original message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(error, OSError) and error.filename:
-        text = f"{error.filename}: {error.strerror or text}"
-    return text
-
-
 def main(argv: list[str] | None = None) -> None:
     argv, notices = prepare_argv(list(sys.argv[1:] if argv is None else argv), os.environ)
     for line in notices:
@@ -88,14 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = [sys.argv[0]] + argv
         run_downstream.main()
-    except UserError as error:
-        fail(error)
-    except OSError as error:
-        if error.errno not in MACHINE_ERRNOS:
+    except (UserError, OSError) as error:
+        if not reportable(error):
             raise
-        fail(error)
-
-
-def fail(error: BaseException) -> None:
-    print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
-    sys.exit(2)
+        print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)

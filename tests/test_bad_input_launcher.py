@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from adaltm_core.errors import UserError
-from adaltm_s3prl import arguments, compat, launcher
+from adaltm_core.errors import UserError, one_line
+from adaltm_s3prl import arguments, compat
 from tests.conftest import example_config, run_launcher, write_yaml
 
 
@@ -92,9 +92,9 @@ def test_runner_and_optimizer_sections():
 def test_worker_and_machine_errors_become_one_line():
     worker = ("Caught AudioError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
               '  File "x.py", line 1, in f\nadaltm_core.audio.AudioError: /data/a.wav: audio contains NaN')
-    assert launcher.one_line(UserError(worker)) == "/data/a.wav: audio contains NaN"
+    assert one_line(UserError(worker)) == "/data/a.wav: audio contains NaN"
     full = OSError(errno.ENOSPC, "No space left on device", "/exp/states-4.ckpt")
-    assert launcher.one_line(full) == "/exp/states-4.ckpt: No space left on device"
+    assert one_line(full) == "/exp/states-4.ckpt: No space left on device"
 
 
 def test_rotation_keeps_the_last_checkpoint_until_its_successor_is_written(tmp_path, monkeypatch):
@@ -179,3 +179,15 @@ def test_cli_refuses_non_positive_counts_and_nan_states(tmp_path, merge_setup, c
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "states-9.ckpt: the merged weight" in err and "not finite" in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_every_command_reports_an_unwritable_output_in_one_line(tmp_path, merge_setup, capsys):
+    from adaltm_cli.main import main
+
+    blocker = tmp_path / "a_file"
+    blocker.touch()
+    with pytest.raises(SystemExit) as exit_:
+        main(["task-vector", "extract", "--base", str(merge_setup["base"]), "--finetuned", str(merge_setup["base"]),
+              "-o", str(blocker / "tv.safetensors")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("error:") == 1 and "a_file" in err and "Traceback" not in err, err
