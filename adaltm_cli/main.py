@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from adaltm_core.errors import UserError
+from adaltm_core.errors import UserError, one_line, reportable
 from adaltm_upstream import task_vectors
 
 
@@ -111,7 +111,7 @@ def _add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="which {split}_metrics.json / _predictions.tsv to read")
     parser.add_argument("--by", choices=["utterance", "speaker"], default="utterance",
                         help="resample utterances, or speakers (SpkrID) and then their utterances")
-    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--resamples", type=positive_int, default=1000)
 
 
 def _grid_search(args: argparse.Namespace) -> None:
@@ -129,6 +129,14 @@ def _superb(args: argparse.Namespace) -> None:
 
     run_superb([t for t in args.tasks.split(",") if t], args.s3prl_repo, args.data, args.out,
                upstream_config=args.upstream_config, merged=args.merged, overrides=args.override)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse turns the ValueError into its usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = commands.add_parser("make-demo-corpus", help="synthesise an offline corpus in the MSP-Podcast layout")
     corpus.add_argument("directory")
-    corpus.add_argument("--train", type=int, default=600)
-    corpus.add_argument("--dev", type=int, default=120)
-    corpus.add_argument("--test", type=int, default=160)
+    corpus.add_argument("--train", type=positive_int, default=600)
+    corpus.add_argument("--dev", type=positive_int, default=120)
+    corpus.add_argument("--test", type=positive_int, default=160)
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--out-of-domain", action="store_true",
                         help="the out-of-domain ASR corpus: neutral prosody, other voices and sentences")
@@ -224,8 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except UserError as error:
-        print(f"adaltm: error: {error}", file=sys.stderr)
+    except (UserError, OSError) as error:
+        if not reportable(error):
+            raise
+        print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
 

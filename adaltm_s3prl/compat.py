@@ -125,12 +125,29 @@ def _weights_only_resume() -> bool:
     return True
 
 
+# Old `states-*.ckpt` the runner asked to delete, kept until a new one is safely on disk.
+_DEFERRED_REMOVALS: list[str] = []
+
+
 def atomic_save(obj, path) -> None:
-    """The runner's `torch.save`, atomic for paths (file objects are written as s3prl wrote them)."""
+    """The runner's `torch.save`, atomic for paths (file objects are written as s3prl wrote them); once a new
+    `states-*.ckpt` is on disk, the old ones the rotation asked to delete are deleted."""
     if not isinstance(path, (str, os.PathLike)):
         torch.save(obj, path)
         return
     atomic_torch_save(obj, path)
+    if os.path.basename(path).startswith("states-"):
+        while _DEFERRED_REMOVALS:
+            old = _DEFERRED_REMOVALS.pop()
+            if os.path.exists(old):
+                os.remove(old)
+
+
+def _remove_after_next_save(path) -> None:
+    if os.path.basename(path).startswith("states-"):
+        _DEFERRED_REMOVALS.append(os.fspath(path))
+    else:
+        os.remove(path)
 
 
 def _proxy(module: types.ModuleType, **overrides) -> types.ModuleType:
@@ -154,6 +171,18 @@ def _atomic_runner_checkpoints() -> bool:
     if getattr(runner.torch, "_adaltm_proxy", False):
         return False
     runner.torch = _proxy(torch, save=atomic_save)
+    return True
+
+
+def _rotation_after_save() -> bool:
+    """With `runner.max_keep`, s3prl deletes the oldest `states-*.ckpt` BEFORE writing the new one: a kill or a full
+    disk in between leaves no checkpoint at all (with max_keep 1). In the runner's namespace only, those deletions
+    wait until the new checkpoint is safely written (`atomic_save`)."""
+    from s3prl.downstream import runner
+
+    if getattr(runner.os, "_adaltm_proxy", False):
+        return False
+    runner.os = _proxy(os, remove=_remove_after_next_save)
     return True
 
 
@@ -304,6 +333,7 @@ FIXES: tuple[Fix, ...] = (
 # Needs s3prl's runner importable, so it runs after the fixes above.
 LATE_FIXES: tuple[Fix, ...] = (
     Fix("atomic checkpoints", "states-*.ckpt written atomically", _atomic_runner_checkpoints),
+    Fix("rotation after save", "max_keep never deletes the last checkpoint first", _rotation_after_save),
     Fix("DDP step counter", "ranks > 0 stop at total_steps", _ddp_non_leader_step_counter),
     Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
     Fix("hack_isinstance once", "several runs in one process", _hack_isinstance_once),

@@ -9,7 +9,6 @@ The command line is s3prl's; before handing over to `s3prl.run_downstream.main()
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -17,30 +16,16 @@ from collections.abc import Mapping
 
 import torch
 
-from adaltm_core.errors import UserError
+from adaltm_core.errors import UserError, one_line, reportable
 from adaltm_s3prl import compat, registration
+from adaltm_s3prl.arguments import check_command_line, known_arguments
 
 LOG = logging.getLogger("adaltm")
-
-
-def _known_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flags, dest in ((("-c", "--config"), "config"), (("-d", "--downstream"), "downstream"),
-                        (("-e", "--past_exp"), "past_exp"), (("-u", "--upstream"), "upstream"),
-                        (("-g", "--upstream_model_config"), "upstream_model_config"),
-                        (("-k", "--upstream_ckpt"), "upstream_ckpt"),
-                        (("--device",), "device"), (("--backend",), "backend"),
-                        (("--local_rank",), "local_rank")):
-        parser.add_argument(*flags, dest=dest)
-    parser.add_argument("-f", "--upstream_trainable", action="store_true")
-    parser.add_argument("-h", "--help", action="store_true")
-    return parser.parse_known_args(argv)[0]
-
 
 def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The argument list s3prl should see, and one notice line per argument added."""
     argv = [("--local_rank" + a[len("--local-rank"):]) if a.startswith("--local-rank") else a for a in argv]
-    known = _known_args(argv)
+    known = known_arguments(argv)
     notices: list[str] = []
     if known.help:
         return argv, notices
@@ -76,15 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     argv, notices = prepare_argv(list(sys.argv[1:] if argv is None else argv), os.environ)
     for line in notices:
         print(f"[adaltm] {line}", file=sys.stderr)
-    applied = compat.apply_all()
-    LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
-    registration.register()
-
-    from s3prl import run_downstream
-
-    sys.argv = [sys.argv[0]] + argv
     try:
+        check_command_line(argv, os.environ)
+        applied = compat.apply_all()
+        LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
+        registration.register()
+
+        from s3prl import run_downstream
+
+        sys.argv = [sys.argv[0]] + argv
         run_downstream.main()
-    except UserError as error:
-        print(f"[adaltm] error: {error}", file=sys.stderr)
+    except (UserError, OSError) as error:
+        if not reportable(error):
+            raise
+        print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -46,7 +46,7 @@ def parameter_groups(models: list[nn.Module], lr: float, upstream_lr: float | No
 
 def get_DifferentialAdamW(model_params, lr: float = 1e-4, upstream_lr: float | None = None,  # noqa: N802
                           lambda_lr: float | None = None, layer_decay: float = 1.0, weight_decay: float = 0.01,
-                          betas=(0.9, 0.999), total_steps: int | None = None, **kwargs) -> torch.optim.Optimizer:
+                          betas=(0.9, 0.999), total_steps: int | None = None) -> torch.optim.Optimizer:
     """`optimizer: {name: DifferentialAdamW, lr, upstream_lr, lambda_lr, layer_decay, weight_decay}`.
     λ are never weight-decayed (decay would pull every coefficient towards 0, i.e. towards the base)."""
     groups = parameter_groups(model_params, lr, upstream_lr, lambda_lr, layer_decay, weight_decay)

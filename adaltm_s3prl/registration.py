@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import adaltm_downstream
+from adaltm_s3prl.arguments import check_config
 
 DOWNSTREAM_DIR = Path(adaltm_downstream.__file__).resolve().parent
 
@@ -19,6 +20,7 @@ def register() -> None:
     import s3prl.downstream
     import s3prl.hub
     import s3prl.optimizers
+    from s3prl import run_downstream
     from s3prl.downstream.runner import Runner
 
     from adaltm_s3prl.optimizers import S3PRL_OPTIMIZERS
@@ -32,6 +34,18 @@ def register() -> None:
     if not getattr(Runner._get_upstream, "_adaltm_hook", False):
         Runner._get_upstream = _attach_experiment(Runner._get_upstream)
         Runner._get_featurizer = _layer_stack_when_asked(Runner._get_featurizer)
+        run_downstream.get_downstream_args = _checked_config(run_downstream.get_downstream_args)
+
+
+def _checked_config(get_downstream_args):
+    """The run's config (the `-c` file, or the `-e` checkpoint's, after `-o`) checked before any model loads."""
+
+    def wrapped():
+        args, config, backup_files = get_downstream_args()
+        check_config(config, args.past_exp or args.config or "config")
+        return args, config, backup_files
+
+    return wrapped
 
 
 def _attach_experiment(get_upstream):

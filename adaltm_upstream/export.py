@@ -54,6 +54,10 @@ def upstream_with_states(config_path: str, states_path: str | None) -> AdaLTMUps
 def export(config_path: str, states_path: str | None, output: str | Path, fmt: str) -> Path:
     upstream = upstream_with_states(config_path, states_path)
     merged = upstream.merged_state()
+    bad = next((name for name, tensor in merged.items() if not torch.isfinite(tensor).all()), None)
+    if bad is not None:  # trained λ (or weights) that diverged: never write a model of NaN
+        raise UserError(f"{states_path}: the merged weight {bad} is not finite (NaN or Inf λ or weights in these "
+                        "states); export another checkpoint")
     output = Path(output)
     backbone = upstream.backbone
     merge = upstream.config.merge

@@ -1,0 +1,184 @@
+"""What a user hands `run_downstream.py`, checked before s3prl touches it.
+
+s3prl reads `-e`/`-i` with a bare `torch.load`, `-c` with a bare `open`, parses `-o` by splitting on `=` and
+`eval`-ing behind a bare `except`, and reads its `runner:` keys one by one mid-training, so a typo ends in a
+traceback or a hang long after the start. Here every such input is checked once, up front, and a problem is one
+line naming the file or key (a `UserError`, which the launcher prints and exits 2 on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from adaltm_core.errors import UserError
+from adaltm_core.safe_load import torch_load
+from adaltm_core.settings import parse
+
+STEP = {"min": 1}
+
+
+def known_arguments(argv: list[str]) -> argparse.Namespace:
+    """The s3prl flags the plugin looks at, without failing on the others (s3prl parses those itself)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags, dest in ((("-m", "--mode"), "mode"), (("-c", "--config"), "config"),
+                        (("-d", "--downstream"), "downstream"), (("-e", "--past_exp"), "past_exp"),
+                        (("-i", "--init_ckpt"), "init_ckpt"), (("-o", "--override"), "override"),
+                        (("-p", "--expdir"), "expdir"), (("-u", "--upstream"), "upstream"),
+                        (("-g", "--upstream_model_config"), "upstream_model_config"),
+                        (("-k", "--upstream_ckpt"), "upstream_ckpt"),
+                        (("--device",), "device"), (("--backend",), "backend"),
+                        (("--local_rank",), "local_rank")):
+        parser.add_argument(*flags, dest=dest)
+    parser.add_argument("-f", "--upstream_trainable", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser.parse_known_args(argv)[0]
+
+
+def check_command_line(argv: list[str], env: Mapping[str, str]) -> None:
+    """Every file, directory and override on the command line, before s3prl reads any of them."""
+    known = known_arguments(argv)
+    if known.help:
+        return
+    if known.past_exp:
+        states = check_states_file(known.past_exp, "-e")
+        if known.mode == "train":
+            check_resume_world(states, known.past_exp, known.local_rank is not None, int(env.get("WORLD_SIZE", 1)))
+    if known.init_ckpt:
+        check_states_file(known.init_ckpt, "-i")
+    if known.config and not known.past_exp:
+        check_yaml(known.config, "-c")
+    if known.override and known.override.lower() != "none":
+        check_overrides(known.override)
+    if known.expdir:
+        check_output_directory(known.expdir)
+
+
+@dataclass
+class RunnerSettings:
+    """The `runner:` keys s3prl 0.4.18 reads (`downstream/runner.py`); other keys are left to s3prl."""
+    total_steps: int = field(metadata=STEP)
+    gradient_clipping: float = field(metadata={"gt": 0})
+    log_step: int = field(metadata=STEP)
+    eval_step: int = field(metadata=STEP)
+    save_step: int = field(metadata=STEP)
+    max_keep: int = field(metadata=STEP)
+    eval_dataloaders: list[str] = field(default_factory=list)
+    gradient_accumulate_steps: int = field(default=1, metadata=STEP)
+    fp16: bool = False
+    train_dataloader: str = "train"
+
+
+def check_states_file(path: str, flag: str) -> dict:
+    """`-e` / `-i`: a readable `states-*.ckpt` of s3prl's runner (or, for `-e`, a directory holding some)."""
+    target = Path(path)
+    if target.is_dir():
+        states = sorted(target.glob("states-*.ckpt"))
+        if not states:
+            raise UserError(f"{target}: {flag}: no states-*.ckpt in this directory")
+        target = max(states, key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else -1)
+    if not target.exists():
+        raise UserError(f"{target}: {flag}: no such file or directory")
+    if target.stat().st_size == 0:
+        raise UserError(f"{target}: {flag}: empty file")
+    states = torch_load(target)
+    missing = [k for k in ("Args", "Config") if not isinstance(states, dict) or k not in states]
+    if missing:
+        raise UserError(f"{target}: {flag}: not a states checkpoint of run_downstream.py (no {', '.join(missing)})")
+    return states
+
+
+def check_resume_world(states: dict, path: str, distributed: bool, world_size: int) -> None:
+    """s3prl asserts that a resumed training runs with the DDP setting and world size it was saved with."""
+    saved_ddp = getattr(states["Args"], "local_rank", None) is not None
+    if saved_ddp != distributed:
+        how = f"torchrun --nproc_per_node {states.get('WorldSize', 'N')}" if saved_ddp else "a single process"
+        raise UserError(f"{path}: -e: this training ran {'with' if saved_ddp else 'without'} DDP; resume it with "
+                        f"{how}")
+    if saved_ddp and states.get("WorldSize") != world_size:
+        raise UserError(f"{path}: -e: saved with {states.get('WorldSize')} processes, resumed with {world_size}")
+
+
+def check_overrides(text: str) -> None:
+    """`-o "config.a.b=value,,args.c=value"`: each item one `=`, a key under `config.` or `args.`."""
+    for option in text.split(",,"):
+        key, sep, value = option.strip().partition("=")
+        first = key.strip().split(".")[0]
+        if not sep or "=" in value or first not in ("config", "args") or not key.strip().split(".")[-1]:
+            raise UserError(f"-o: {option.strip()!r} is not KEY=VALUE with KEY under config. or args. "
+                            "(several overrides are separated by ',,')")
+        if first == "args" and len(key.strip().split(".")) != 2:
+            raise UserError(f"-o: {key.strip()!r}: args overrides name one argument (args.NAME=VALUE)")
+
+
+def check_yaml(path: str, flag: str) -> None:
+    target = Path(path)
+    if not target.is_file():
+        raise UserError(f"{target}: {flag}: config not found")
+    try:
+        data = yaml.safe_load(target.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{target}: {flag}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{target}: {flag}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{target}: {flag}: expected a mapping at the top level")
+
+
+def check_output_directory(path: str) -> None:
+    """`-p`: creatable and writable, checked before hours of training end in a failed save."""
+    target = Path(path)
+    existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{existing}: -p: not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{existing}: -p: not writable")
+
+
+def check_config(config: dict, source: str) -> None:
+    """The run's config after s3prl merged `-c`, the checkpoint's and `-o`: its `runner` and `optimizer`."""
+    runner = config.get("runner")
+    parse(RunnerSettings, {k: v for k, v in (runner or {}).items() if k in RunnerSettings.__dataclass_fields__},
+          f"{source}: runner")
+    optimizer = config.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str):
+        raise UserError(f"{source}: optimizer.name: missing (e.g. AdamW, TorchOptim, DifferentialAdamW)")
+    _check_optimizer(optimizer, f"{source}: optimizer")
+    if not isinstance(config.get("downstream_expert"), dict):
+        raise UserError(f"{source}: downstream_expert: missing or not a mapping")
+
+
+def _check_optimizer(optimizer: dict, where: str) -> None:
+    """The name resolves in s3prl's lookup, and the keys bind to the factory (or, for `TorchOptim`, to the
+    torch.optim class); factories that swallow `**kwargs` (s3prl's Adam, AdamW) are left as they are."""
+    import s3prl.optimizers
+
+    options = {k: v for k, v in optimizer.items() if k != "name"}
+    factory = getattr(s3prl.optimizers, f"get_{optimizer['name']}", None)
+    if factory is None:
+        raise UserError(f"{where}.name: no optimizer {optimizer['name']!r} in s3prl.optimizers")
+    if optimizer["name"] == "TorchOptim":
+        name = options.pop("torch_optim_name", None)
+        target = getattr(torch.optim, name, None) if isinstance(name, str) else None
+        if not isinstance(target, type):
+            raise UserError(f"{where}.torch_optim_name: not a torch.optim class: {name!r}")
+        _bind(target, [None], options, where)
+        return
+    _bind(factory, [None], {**options, "total_steps": 1}, where)
+
+
+def _bind(function, args: list, options: dict, where: str) -> None:
+    signature = inspect.signature(function)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    try:
+        signature.bind(*args, **options)
+    except TypeError as error:
+        raise UserError(f"{where}: {error}") from None
