@@ -57,8 +57,9 @@ def static_config(config_path: str | Path, value: float) -> dict:
 
 
 def head_states(head: str | Path, out: Path) -> tuple[dict, Path, Path]:
-    """From a finished run's states: its arguments, its config (as a file) and an init file with only what the grid
-    keeps fixed (`Downstream`, `Featurizer`): the run's own upstream state would not fit a static merge."""
+    """From a finished run's states: its arguments, its config (as a file) and an init file (`-i`) with what the grid
+    keeps fixed (`Downstream`, `Featurizer`) but not the run's own upstream state, which would not fit a static
+    merge (`Args` and `Config` stay: the launcher checks an `-i` file is a run's states)."""
     states = torch_load(head)
     if not isinstance(states, dict) or not isinstance(states.get("Downstream"), dict) or "Args" not in states:
         raise UserError(f"{head}: not the states of a finished run (EXPDIR/dev-best.ckpt of an emotion run)")
@@ -66,7 +67,7 @@ def head_states(head: str | Path, out: Path) -> tuple[dict, Path, Path]:
     with atomic_path(config_path) as tmp:
         Path(tmp).write_text(yaml.safe_dump(states["Config"], sort_keys=False))
     init = out / "head_states.ckpt"
-    atomic_torch_save({k: states[k] for k in ("Downstream", "Featurizer") if k in states}, init)
+    atomic_torch_save({k: states[k] for k in ("Downstream", "Featurizer", "Args", "Config") if k in states}, init)
     return vars(states["Args"]), config_path, init
 
 
