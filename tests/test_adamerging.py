@@ -13,6 +13,7 @@ import torch
 
 from adaltm_core.audio import load_mono_16k
 from adaltm_downstream.common.heads import UtteranceClassifier
+from adaltm_downstream.common.results import run_name
 from adaltm_upstream import adaltm_wavlm
 from adaltm_upstream.checkpoints import load_checkpoint, torch_load
 from adaltm_upstream.expert import read_lambdas
@@ -62,6 +63,7 @@ def test_lambdas_move_and_the_head_stays_frozen(adapted):
     for key, value in head_state.items():
         assert torch.equal(states["Downstream"][f"head.head.{key[len('emotion.head.'):]}"], value), key
     assert states["Upstream"]["_extra_state"]["vector_ops"]["ties"] is True
+    assert run_name(expdir) == "asr+ser vectors (TIES top 0.5), tensorwise λ (msp_podcast_adamerging)"
 
 
 def test_test_split_scored_like_every_row_matches_the_frozen_head_on_the_learned_merge(adapted, mini_msp):

@@ -93,7 +93,19 @@ def run_name(path: Path) -> str:
     merge = config.get("merge") or {}
     how = merge.get("granularity", "layerwise")
     trained = ", merged weights trained" if merge.get("train_merged_weights") else ""
-    return f"{vectors} vectors, {how} λ{trained}{task}"
+    ops = _vector_ops_label(merge.get("vector_ops") or {})
+    return f"{vectors} vectors{ops}, {how} λ{trained}{task}"
+
+
+def _vector_ops_label(ops: dict) -> str:
+    """` (DARE p=0.5, TIES top 0.2)` for the task-vector operations of a `-g` config; empty without any."""
+    parts = [f"DARE p={ops['dare_p']:g}"] if ops.get("dare_p") is not None else []
+    trim = f" top {ops['trim_top_k']:g}" if ops.get("trim_top_k") is not None else ""
+    if ops.get("ties"):
+        parts.append(f"TIES{trim}")
+    elif trim:
+        parts.append(trim.strip())
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _aligned(a: RunResult, b: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
