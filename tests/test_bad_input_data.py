@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import WavLMConfig, WavLMModel
 
 from adaltm_cli import main as cli
@@ -23,7 +23,7 @@ from adaltm_upstream import adaltm_wavlm, task_vectors
 from adaltm_upstream.checkpoints import CheckpointError, load_checkpoint
 from tests.conftest import TINY_UNILM_CFG
 from tests.corpus_factory import write_mini_msp
-from tests.formats import write_hf_model
+from tests.formats import write_hf_model, write_vox_profile
 
 SPLITS = {"train": "Train", "dev": "Development", "test": "Test1"}
 
@@ -169,6 +169,19 @@ def test_bad_checkpoint_is_one_line_naming_the_file(sources, case):
         load_checkpoint(path)
     message = str(info.value)
     assert message.startswith(path) and expected in message and "\n" not in message, message
+
+
+def test_tensors_of_the_wrong_rank_in_a_configless_source_are_one_line(sources):
+    """vox-profile ships no WavLM config: sizes are read off the tensors, which must have WavLM's ranks."""
+    root, _, hf = sources
+    vox = write_vox_profile(load_checkpoint(hf), root / "vox")
+    state = load_file(vox / "model.safetensors")
+    state["backbone_model.encoder.layers.0.attention.gru_rel_pos_const"] = torch.ones(4)
+    save_file(state, str(vox / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(vox)
+    assert str(info.value) == (f"{vox}: encoder.layers.0.attention.gru_rel_pos_const has shape (4,), expected 4 "
+                               "non-empty dimensions")
 
 
 def _run_cli(argv: list[str], capsys) -> tuple[int, str]:

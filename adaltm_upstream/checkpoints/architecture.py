@@ -132,6 +132,7 @@ def hf_config_from_shapes(state: dict[str, torch.Tensor], where: str) -> WavLMCo
     """For sources that ship no WavLM config (vox-profile, s3prl states without their base): every size is
     read off the tensors; strides are WavLM's; pre-LN encoder iff the CNN uses layer norm (true of every
     released WavLM: Large = layer/pre-LN, Base/Base+ = group/post-LN)."""
+    _check_read_ranks(state, where)
     try:
         convs = sorted((int(m.group(1)), k) for k in state
                        if (m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight", k)))
@@ -156,6 +157,23 @@ def hf_config_from_shapes(state: dict[str, torch.Tensor], where: str) -> WavLMCo
         max_bucket_distance=800, layerdrop=0.0, apply_spec_augment=False,
         mask_time_prob=0.05 if "masked_spec_embed" in state else 0.0,
     )
+
+
+# Rank of each tensor whose shape `hf_config_from_shapes` reads (conv layers: 3).
+READ_RANKS = {"feature_projection.projection.weight": 2, "encoder.layers.0.attention.gru_rel_pos_const": 4,
+              "encoder.layers.0.attention.rel_attn_embed.weight": 2,
+              "encoder.layers.0.feed_forward.intermediate_dense.weight": 2, POS_V: 3}
+
+
+def _check_read_ranks(state: dict[str, torch.Tensor], where: str) -> None:
+    """The tensors whose sizes are read must have WavLM's ranks and no empty dimension, or reading them fails."""
+    convs = {k: 3 for k in state if re.fullmatch(r"feature_extractor\.conv_layers\.\d+\.conv\.weight", k)}
+    ranks = {**READ_RANKS, **convs}
+    for key, rank in ranks.items():
+        shape = getattr(state.get(key), "shape", None)
+        if key in state and (shape is None or len(shape) != rank or 0 in shape):
+            raise CheckpointError(f"{where}: {key} has shape {None if shape is None else tuple(shape)}, "
+                                  f"expected {rank} non-empty dimensions")
 
 
 def architecture(config: WavLMConfig) -> dict:
