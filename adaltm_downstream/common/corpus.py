@@ -73,7 +73,7 @@ def _vote_code(value: str) -> str | None:
     return VOTE_NAMES.get(key)
 
 
-def read_utf8(path: Path) -> str:
+def _read_utf8(path: Path) -> str:
     """The text of `path`, strictly UTF-8 (a BOM is dropped): never replacement characters, since transcripts
     become WER references; a CorpusError names the line and the offending bytes."""
     data = path.read_bytes()
@@ -90,7 +90,7 @@ def _read_csv(path: Path, required: tuple[str, ...], problems: list[str]) -> lis
     """(line number, row) of every well-formed row; malformed rows go to `problems`."""
     if not path.is_file():
         raise CorpusError(f"{path}: label file not found")
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
         raise CorpusError(f"{path}: missing column(s) {', '.join(missing)} (found {reader.fieldnames})")
@@ -122,9 +122,9 @@ def _duplicate_rows(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[
     first: dict[tuple[str, str], int] = {}
     problems = []
     for line, row in rows:
-        key = (row["FileName"].strip(), row["Split_Set"].strip())
+        key = (os.path.normpath(row["FileName"].strip()), row["Split_Set"].strip())
         if key in first:
-            problems.append(f"{path}:{line}: duplicate label row for {key[0]} (first on line {first[key]})")
+            problems.append(f"{path}:{line}: duplicate label row for {row['FileName']} (first on line {first[key]})")
         else:
             first[key] = line
     return problems
@@ -227,7 +227,7 @@ def _attach_transcripts(spec: CorpusSpec, utterances: list[Utterance], problems:
         path = directory / (Path(utt.file).stem + ".txt")
         if path.is_file():
             try:
-                utt.transcript = read_utf8(path).strip() or None
+                utt.transcript = _read_utf8(path).strip() or None
             except CorpusError as error:
                 problems.append(str(error))
 
@@ -265,10 +265,10 @@ def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None
         wanted = [u for u in wanted if u.transcript]
         untranscribed = [s for s in splits if not any(u.split == s for u in wanted)]
         if untranscribed:
-            raise CorpusError(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
-                              f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
-                              "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
-                              "-o config.downstream_expert.datarc.require_transcript=False")
+            problems.append(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
+                            f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
+                            "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
+                            "-o config.downstream_expert.datarc.require_transcript=False")
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
         problems += [p for p in pool.map(_probe, wanted, [spec.min_samples] * len(wanted)) if p]
     if problems:
