@@ -54,7 +54,7 @@ class AdaLTMUpstream(nn.Module):
         if vectors is None:
             vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
         for vector in vectors:
-            task_vectors.check_against_base(vector, base_fingerprint, config.base)
+            task_vectors.check_against_base(vector, base_fingerprint, config.base, base.state)
         self.tasks = config.tasks
         self.fingerprint = hashlib.sha256("|".join(
             [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_path
 from adaltm_upstream.checkpoints import load_checkpoint
 from adaltm_upstream.checkpoints.architecture import ARCHITECTURE_KEYS, architecture
+from adaltm_upstream.checkpoints.validate import OPTIONAL
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"
@@ -72,8 +74,7 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
         k = differing[0]
         raise TaskVectorError(f"{finetuned_path}: architecture differs from the base {base_path} "
                               f"({k}: {arch_f[k]} vs {arch_b[k]})")
-    optional = {"masked_spec_embed"}  # only present when the source kept SpecAugment's mask vector
-    missing = sorted(set(base.state) - set(finetuned.state) - optional)
+    missing = sorted(set(base.state) - set(finetuned.state) - OPTIONAL)
     if missing:
         raise TaskVectorError(f"{finetuned_path}: missing backbone keys present in the base: {', '.join(missing[:4])}")
     tensors = {}
@@ -124,10 +125,20 @@ def load(path: str | os.PathLike) -> TaskVector:
         meta = None
     if not meta or meta.get("format") != FORMAT:
         raise TaskVectorError(f"{path}: not an adaltm task vector (write one with `adaltm task-vector extract`)")
+    _check_dtypes(path, tensors)
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise TaskVectorError(f"{path}: {key} contains NaN or Inf")
     return TaskVector(str(path), tensors, meta)
+
+
+def _check_dtypes(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """τ is a difference of float weights; an integer (or bool) tensor can only come from a forged or broken file,
+    and merging would copy its truncated values without a word."""
+    odd = next((k for k, t in tensors.items() if not t.is_floating_point()), None)
+    if odd is not None:
+        raise TaskVectorError(f"{path}: {odd} has dtype {tensors[odd].dtype}; a task vector holds floating-point "
+                              f"tensors ({', '.join(DTYPES)}), as `adaltm task-vector extract` writes")
 
 
 def inspect(vectors: list[TaskVector]) -> list[dict]:
@@ -167,7 +178,27 @@ def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[s
     return dot / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
-def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str) -> None:
+def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str,
+                       base_state: Mapping[str, torch.Tensor]) -> None:
     if vector.base_fingerprint != base_fingerprint:
         raise TaskVectorError(f"{vector.path}: extracted from another base ({vector.meta['base']}), not from "
                               f"{base_path}: fingerprints differ")
+    _check_covers(vector, base_path, base_state)
+
+
+def _check_covers(vector: TaskVector, base_path: str, base_state: Mapping[str, torch.Tensor]) -> None:
+    """τ holds every base tensor `extract` writes, each of the base's shape: merging reads a missing tensor as
+    τ = 0 and ignores one the base lacks, so a forged subset would silently merge as zero."""
+    missing = sorted(set(base_state) - set(vector.tensors) - OPTIONAL)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise TaskVectorError(f"{vector.path}: lacks {len(missing)} tensor(s) of the base {base_path}: {shown}; "
+                              "re-extract it with `adaltm task-vector extract`")
+    unknown = sorted(set(vector.tensors) - set(base_state))
+    if unknown:
+        raise TaskVectorError(f"{vector.path}: holds tensor(s) the base {base_path} has not: "
+                              f"{', '.join(unknown[:3])}")
+    wrong = next((k for k, t in vector.tensors.items() if t.shape != base_state[k].shape), None)
+    if wrong is not None:
+        raise TaskVectorError(f"{vector.path}: {wrong} has shape {tuple(vector.tensors[wrong].shape)}, the base "
+                              f"{base_path} {tuple(base_state[wrong].shape)}")

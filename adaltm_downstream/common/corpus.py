@@ -10,13 +10,14 @@ surprise). O (other) and X (no agreement) are never evaluated.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaltm_core.audio import AudioError, info
+from adaltm_core.audio import SAMPLE_RATE, AudioError, info
 from adaltm_core.errors import UserError
 
 CLASSES = ("A", "C", "D", "F", "H", "N", "S", "U")
@@ -61,6 +62,7 @@ class CorpusSpec:
     require_transcript: bool = False
     soft_labels: bool = True
     audio_dir: str = "Audios"
+    min_samples: int = 400                 # the CNN's receptive field at 16 kHz (WavLM: 400 samples, 25 ms)
 
 
 def _vote_code(value: str) -> str | None:
@@ -71,21 +73,79 @@ def _vote_code(value: str) -> str | None:
     return VOTE_NAMES.get(key)
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_utf8(path: Path) -> str:
+    """The text of `path`, strictly UTF-8 (a BOM is dropped): never replacement characters, since transcripts
+    become WER references; a CorpusError names the line and the offending bytes."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise CorpusError(f"{path}:{line}: not UTF-8 ({error.reason}: byte(s) "
+                          f"{data[error.start:error.end]!r} at offset {error.start}); re-encode the file as UTF-8, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read_csv(path: Path, required: tuple[str, ...], problems: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every well-formed row; malformed rows go to `problems`."""
     if not path.is_file():
         raise CorpusError(f"{path}: label file not found")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CorpusError(f"{path}: missing column(s) {', '.join(missing)} (found {reader.fieldnames})")
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CorpusError(f"{path}: missing column(s) {', '.join(missing)} (found {reader.fieldnames})")
+    rows = []
+    for row in reader:
+        problem = _malformed_row(row, required, len(reader.fieldnames or []))
+        if problem:
+            problems.append(f"{path}:{reader.line_num}: {problem}")
+        else:
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _malformed_row(row: dict, required: tuple[str, ...], width: int) -> str | None:
+    """csv.DictReader fills missing fields with None and files surplus ones under the key None."""
+    fields = width - sum(v is None for v in row.values()) + len(row.get(None) or [])
+    if fields != width:
+        return f"{fields} field(s), the header has {width}"
+    empty = [c for c in required if not row[c].strip()]
+    return f"empty {', '.join(empty)}" if empty else None
+
+
+def _row_problems(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
+    return _duplicate_rows(path, rows) + _split_leaks(path, rows)
+
+
+def _duplicate_rows(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
+    """The same FileName labelled twice in one split: counted twice, weighted twice."""
+    first: dict[tuple[str, str], int] = {}
+    problems = []
+    for line, row in rows:
+        key = (os.path.normpath(row["FileName"].strip()), row["Split_Set"].strip())
+        if key in first:
+            problems.append(f"{path}:{line}: duplicate label row for {row['FileName']} (first on line {first[key]})")
+        else:
+            first[key] = line
+    return problems
+
+
+def _split_leaks(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
+    """The same audio file labelled in two splits (e.g. Train and Test1): a train/test leak."""
+    seen: dict[str, tuple[str, int]] = {}
+    problems = []
+    for line, row in rows:
+        name, split = os.path.normpath(row["FileName"].strip()), row["Split_Set"].strip()
+        if name in seen and seen[name][0] != split:
+            problems.append(f"{path}:{line}: {row['FileName']} is labelled in {split} and in {seen[name][0]} "
+                            f"(line {seen[name][1]}): a file may belong to one split only")
+        seen.setdefault(name, (split, line))
+    return problems
 
 
 def _soft_from_votes(path: Path, problems: list[str]) -> dict[str, list[float]]:
     votes: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(CLASSES))
-    rows = _read_csv(path, ("FileName", "EmoClass_Major"))
-    for line, row in enumerate(rows, start=2):
+    for line, row in _read_csv(path, ("FileName", "EmoClass_Major"), problems):
         code = _vote_code(row["EmoClass_Major"])
         if code is None:
             problems.append(f"{path}:{line}: unknown emotion {row['EmoClass_Major']!r} for {row['FileName']}")
@@ -96,11 +156,12 @@ def _soft_from_votes(path: Path, problems: list[str]) -> dict[str, list[float]]:
 
 def _read_msp(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
     labels = spec.root / "Labels"
-    rows = _read_csv(labels / "labels_consensus.csv", ("FileName", "EmoClass", "Split_Set"))
+    rows = _read_csv(labels / "labels_consensus.csv", ("FileName", "EmoClass", "Split_Set"), problems)
+    problems += _row_problems(labels / "labels_consensus.csv", rows)
     detailed = labels / "labels_detailed.csv"
     soft = _soft_from_votes(detailed, problems) if spec.soft_labels and detailed.is_file() else {}
     utterances = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         code = row["EmoClass"].strip().upper()
         if code not in CLASSES + NOT_EVALUATED:
             problems.append(f"{labels / 'labels_consensus.csv'}:{line}: unknown EmoClass {row['EmoClass']!r} "
@@ -140,8 +201,9 @@ def _read_emo_superb(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
     utterances sorted by file name, the order of its split lists (so unbucketed evaluation batches are its own)."""
     if spec.labels_csv is None:
         raise CorpusError("datarc.labels_csv: required when datarc.layout is emo_superb")
-    rows = sorted(enumerate(_read_csv(spec.labels_csv, ("FileName", "Split_Set")), start=2),
+    rows = sorted(_read_csv(spec.labels_csv, ("FileName", "Split_Set"), problems),
                   key=lambda numbered: numbered[1]["FileName"])
+    problems += _row_problems(spec.labels_csv, rows)
     with open(spec.labels_csv, newline="", encoding="utf-8-sig") as handle:
         columns = _emotion_columns(spec, next(csv.reader(handle)))
     utterances = []
@@ -159,16 +221,18 @@ def _read_emo_superb(spec: CorpusSpec, problems: list[str]) -> list[Utterance]:
     return utterances
 
 
-def _attach_transcripts(spec: CorpusSpec, utterances: list[Utterance]) -> None:
+def _attach_transcripts(spec: CorpusSpec, utterances: list[Utterance], problems: list[str]) -> None:
     directory = spec.root / "Transcripts"
     for utt in utterances:
         path = directory / (Path(utt.file).stem + ".txt")
         if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace").strip()
-            utt.transcript = text or None
+            try:
+                utt.transcript = _read_utf8(path).strip() or None
+            except CorpusError as error:
+                problems.append(str(error))
 
 
-def _probe(utt: Utterance) -> str | None:
+def _probe(utt: Utterance, min_samples: int) -> str | None:
     try:
         meta = info(utt.path)
     except AudioError as error:
@@ -176,7 +240,15 @@ def _probe(utt: Utterance) -> str | None:
     if meta.num_frames == 0:
         return f"{utt.path}: empty audio (0 samples)"
     utt.seconds = meta.num_frames / meta.sample_rate
-    return None
+    return _too_short(utt.path, meta.num_frames * SAMPLE_RATE // meta.sample_rate, min_samples)
+
+
+def _too_short(path: Path, samples: int, min_samples: int) -> str | None:
+    """Audio shorter than the CNN's receptive field gives the model no frame at all (found here, not mid-training)."""
+    if samples >= min_samples:
+        return None
+    return (f"{path}: {samples} samples at 16 kHz, shorter than the model's receptive field of {min_samples} "
+            "samples (datarc.min_samples); drop the file from the labels")
 
 
 def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None = None) -> dict[str, list[Utterance]]:
@@ -187,18 +259,18 @@ def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None
     problems: list[str] = []
     utterances = _read_msp(spec, problems) if spec.layout == "msp" else _read_emo_superb(spec, problems)
     _check_splits(spec, utterances, splits, keys or {})
-    _attach_transcripts(spec, utterances)
+    _attach_transcripts(spec, [u for u in utterances if u.split in splits], problems)
     wanted = [u for u in utterances if u.split in splits]
     if spec.require_transcript:
         wanted = [u for u in wanted if u.transcript]
         untranscribed = [s for s in splits if not any(u.split == s for u in wanted)]
         if untranscribed:
-            raise CorpusError(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
-                              f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
-                              "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
-                              "-o config.downstream_expert.datarc.require_transcript=False")
+            problems.append(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
+                            f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
+                            "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
+                            "-o config.downstream_expert.datarc.require_transcript=False")
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
-        problems += [p for p in pool.map(_probe, wanted) if p]
+        problems += [p for p in pool.map(_probe, wanted, [spec.min_samples] * len(wanted)) if p]
     if problems:
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         raise CorpusError(f"{spec.root}: {len(problems)} problem(s) in the corpus:\n  " + "\n  ".join(shown))

@@ -48,19 +48,32 @@ class DataSettings:
     bucket_window: int = field(default=100, metadata={"min": 0})
     num_workers: int = field(default=2, metadata={"min": 0})
     seed: int = 0
+    # shorter audio is refused: WavLM's CNN (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2) needs 400 samples
+    min_samples: int = field(default=400, metadata=AT_LEAST_ONE)
 
     def check(self, where: str) -> None:
         if (self.batch_size is None) == (self.batch_seconds is None):
             raise SettingsError(f"{where}.batch_size / batch_seconds: give exactly one (the other null)")
         if self.crop_seconds is not None and self.max_seconds is not None:
             raise SettingsError(f"{where}.crop_seconds / max_seconds: give at most one (the other null)")
+        self._check_cut(where)
         missing = [k for k in ("train", "dev") if k not in self.splits]
         if missing:
             raise SettingsError(f"{where}.splits: needs the keys train and dev (missing {missing})")
 
+    def _check_cut(self, where: str) -> None:
+        """A crop or cut shorter than the receptive field would leave every utterance without a frame."""
+        for key in ("crop_seconds", "max_seconds"):
+            seconds = getattr(self, key)
+            if seconds is not None and seconds * SAMPLE_RATE < self.min_samples:
+                raise SettingsError(f"{where}.{key}: {seconds} s is shorter than the model's receptive field "
+                                    f"({self.min_samples} samples = {self.min_samples / SAMPLE_RATE} s, "
+                                    f"{where}.min_samples)")
+
     def corpus(self) -> CorpusSpec:
         labels = None if self.labels_csv is None else Path(self.root) / self.labels_csv  # relative: under root
-        return CorpusSpec(Path(self.root), self.layout, labels, self.require_transcript, self.soft_labels)
+        return CorpusSpec(Path(self.root), self.layout, labels, self.require_transcript, self.soft_labels,
+                          min_samples=self.min_samples)
 
     def load_splits(self, needs_transcripts: bool = False) -> dict[str, list[Utterance]]:
         """The validated corpus, by s3prl split name (train, dev, test, ...)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from adaltm_upstream.checkpoints.checkpoint import Checkpoint, CheckpointError
 from adaltm_upstream.checkpoints.formats import adaltm_states, hf, model_directory, s3prl_states, unilm, vox_profile
+from adaltm_upstream.checkpoints.keys import check_names
 from adaltm_upstream.checkpoints.safe_load import torch_load
 from adaltm_upstream.checkpoints.validate import validate
 
@@ -60,6 +61,7 @@ def _read_pickle(path: Path) -> Checkpoint:
         upstream = data["Upstream"]
         if not isinstance(upstream, dict) or not upstream:
             raise CheckpointError(f"{path}: s3prl states without upstream weights (trained without -f?)")
+        check_names(upstream, f"{path}: Upstream")
         if s3prl_states.matches(upstream):
             return s3prl_states.read(path, data)
         if adaltm_states.matches(upstream):

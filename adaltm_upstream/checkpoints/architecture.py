@@ -4,9 +4,11 @@ sources that ship none. The canonical model is transformers' `WavLMModel` built 
 from __future__ import annotations
 
 import ast
+import math
 import re
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import WavLMConfig
 
 from adaltm_upstream.checkpoints.checkpoint import CheckpointError
@@ -21,6 +23,9 @@ UNILM_DEFAULTS = dict(
     mask_prob=0.65, conv_pos=128, conv_pos_groups=16, relative_position_embedding=False, num_buckets=320,
     max_distance=1280, gru_rel_pos=False,
 )
+# unilm cfg sizes that must be at least 1.
+UNILM_SIZES = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos",
+               "conv_pos_groups", "num_buckets", "max_distance")
 # What makes two checkpoints the same architecture (task vectors need it).
 ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
                      "conv_kernel", "conv_stride", "do_stable_layer_norm", "feat_extract_norm")
@@ -43,7 +48,8 @@ def parse_conv_layers(spec: str, where: str) -> list[tuple[int, int, int]]:
 
     try:
         layers = value(ast.parse(spec, mode="eval").body)
-        if not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
+        if not all(isinstance(t, tuple) and len(t) == 3 and all(isinstance(n, int) and n > 0 for n in t)
+                   for t in layers):
             raise ValueError(spec)
     except (SyntaxError, ValueError, TypeError):
         raise CheckpointError(f"{where}: cfg.conv_feature_layers is not a list of (dim, kernel, stride): "
@@ -51,8 +57,39 @@ def parse_conv_layers(spec: str, where: str) -> list[tuple[int, int, int]]:
     return layers
 
 
+def check_unilm_cfg(cfg: dict, where: str) -> None:
+    """Every known cfg value has its default's type (a bool is no int, an int is a float), sizes are ≥ 1 and the
+    heads divide the width: a bad cfg is one line naming the key, not a traceback from deep inside transformers."""
+    for key, default in UNILM_DEFAULTS.items():
+        value = cfg[key]
+        allowed = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, allowed):
+            raise CheckpointError(f"{where}: cfg.{key} is {value!r} ({type(value).__name__}), expected "
+                                  f"{type(default).__name__}")
+        if isinstance(default, float) and not math.isfinite(value):
+            raise CheckpointError(f"{where}: cfg.{key} is {value!r}, expected a finite number")
+    small = next((k for k in UNILM_SIZES if cfg[k] < 1), None)
+    if small:
+        raise CheckpointError(f"{where}: cfg.{small} is {cfg[small]}, expected at least 1")
+    for divisor in ("encoder_attention_heads", "conv_pos_groups"):
+        if cfg["encoder_embed_dim"] % cfg[divisor]:
+            raise CheckpointError(f"{where}: cfg.{divisor} ({cfg[divisor]}) does not divide cfg.encoder_embed_dim "
+                                  f"({cfg['encoder_embed_dim']})")
+
+
+def config_from_dict(values: dict, where: str) -> WavLMConfig:
+    """`WavLMConfig.from_dict`; transformers checks field types strictly (huggingface_hub's StrictDataclassError,
+    a multi-line message), reported here as one line naming the field."""
+    try:
+        return WavLMConfig.from_dict(values)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{where}: not a valid WavLM config ({reason})") from None
+
+
 def hf_config_from_unilm(cfg: dict, where: str) -> WavLMConfig:
     cfg = {**UNILM_DEFAULTS, **cfg}
+    check_unilm_cfg(cfg, where)
     if not (cfg["relative_position_embedding"] and cfg["gru_rel_pos"]):
         raise CheckpointError(f"{where}: only WavLM with gated relative position bias is supported "
                               "(cfg.relative_position_embedding and cfg.gru_rel_pos must be true)")
@@ -95,6 +132,7 @@ def hf_config_from_shapes(state: dict[str, torch.Tensor], where: str) -> WavLMCo
     """For sources that ship no WavLM config (vox-profile, s3prl states without their base): every size is
     read off the tensors; strides are WavLM's; pre-LN encoder iff the CNN uses layer norm (true of every
     released WavLM: Large = layer/pre-LN, Base/Base+ = group/post-LN)."""
+    _check_read_ranks(state, where)
     try:
         convs = sorted((int(m.group(1)), k) for k in state
                        if (m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight", k)))
@@ -119,6 +157,23 @@ def hf_config_from_shapes(state: dict[str, torch.Tensor], where: str) -> WavLMCo
         max_bucket_distance=800, layerdrop=0.0, apply_spec_augment=False,
         mask_time_prob=0.05 if "masked_spec_embed" in state else 0.0,
     )
+
+
+# Rank of each tensor whose shape `hf_config_from_shapes` reads (conv layers: 3).
+READ_RANKS = {"feature_projection.projection.weight": 2, "encoder.layers.0.attention.gru_rel_pos_const": 4,
+              "encoder.layers.0.attention.rel_attn_embed.weight": 2,
+              "encoder.layers.0.feed_forward.intermediate_dense.weight": 2, POS_V: 3}
+
+
+def _check_read_ranks(state: dict[str, torch.Tensor], where: str) -> None:
+    """The tensors whose sizes are read must have WavLM's ranks and no empty dimension, or reading them fails."""
+    convs = {k: 3 for k in state if re.fullmatch(r"feature_extractor\.conv_layers\.\d+\.conv\.weight", k)}
+    ranks = {**READ_RANKS, **convs}
+    for key, rank in ranks.items():
+        shape = getattr(state.get(key), "shape", None)
+        if key in state and (shape is None or len(shape) != rank or 0 in shape):
+            raise CheckpointError(f"{where}: {key} has shape {None if shape is None else tuple(shape)}, "
+                                  f"expected {rank} non-empty dimensions")
 
 
 def architecture(config: WavLMConfig) -> dict:

@@ -6,6 +6,9 @@ Weight norm stays factored as every source stores it: g in `POS_G`, v in `POS_V`
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+
+from adaltm_upstream.checkpoints.checkpoint import CheckpointError
 
 POS_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
 POS_V = "encoder.pos_conv_embed.conv.parametrizations.weight.original1"
@@ -44,6 +47,14 @@ HEAD_PREFIXES = ("lm_head.", "projector.", "classifier.", "layer_weights", "quan
                  "project_hid.", "dropout_features", "final_proj.", "label_embs_concat", "weights",
                  "model_seq.", "emotion_layer.", "detailed_out_layer.", "arousal_layer.", "valence_layer.",
                  "dominance_layer.", "tdnn.", "feature_extractor.linear", "objective.", "adapter.")
+
+
+def check_names(state: Mapping, where: str) -> None:
+    """A state dict is keyed by parameter names; a forged one keyed by anything else is refused before mapping."""
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{where}: key {odd!r} ({type(odd).__name__}) is not a parameter name; "
+                              "not a state dict")
 
 
 def _regex(template: str) -> re.Pattern:

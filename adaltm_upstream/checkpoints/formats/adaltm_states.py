@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import WavLMConfig
-
-from adaltm_upstream.checkpoints.architecture import hf_config_from_shapes
+from adaltm_upstream.checkpoints.architecture import config_from_dict, hf_config_from_shapes
 from adaltm_upstream.checkpoints.checkpoint import Checkpoint, CheckpointError
 
 WEIGHTS = "backbone.model."
@@ -23,10 +21,9 @@ def read(path: Path, data: dict) -> Checkpoint:
     canonical = {k[len(WEIGHTS):]: v for k, v in upstream.items() if k.startswith(WEIGHTS)}
     extra = upstream.get(EXTRA) or {}
     if "architecture" in extra:
-        try:
-            config = WavLMConfig.from_dict(extra["architecture"])
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{path}: unreadable architecture in the upstream state ({error})") from None
+        if not isinstance(extra["architecture"], dict):
+            raise CheckpointError(f"{path}: the upstream state's architecture is not a dict")
+        config = config_from_dict(extra["architecture"], f"{path}: upstream state architecture")
         return Checkpoint(str(path), "adaltm-states", config, bool(extra.get("normalize")), canonical)
     config = hf_config_from_shapes(canonical, str(path))
     return Checkpoint(str(path), "adaltm-states", config, config.feat_extract_norm == "layer", canonical)

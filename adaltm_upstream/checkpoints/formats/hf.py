@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import WavLMConfig
 
+from adaltm_upstream.checkpoints.architecture import config_from_dict
 from adaltm_upstream.checkpoints.checkpoint import Checkpoint, CheckpointError
 from adaltm_upstream.checkpoints.formats.model_directory import read_json
 from adaltm_upstream.checkpoints.keys import map_hf
@@ -16,10 +17,7 @@ from adaltm_upstream.checkpoints.keys import map_hf
 def read(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> Checkpoint:
     prefix = "wavlm." if any(k.startswith("wavlm.") for k in state) else ""
     canonical, dropped = map_hf(state, prefix)
-    try:
-        config = WavLMConfig.from_dict({k: v for k, v in meta.items() if k != "architectures"})
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path / 'config.json'}: not a valid WavLM config ({error})") from None
+    config = config_from_dict({k: v for k, v in meta.items() if k != "architectures"}, str(path / "config.json"))
     config.apply_spec_augment, config.layerdrop = False, 0.0
     return Checkpoint(str(path), "hf", config, _normalize(path, config), canonical, dropped)
 
@@ -30,5 +28,8 @@ def _normalize(path: Path, config: WavLMConfig) -> bool:
         settings = read_json(preprocessor)
         if not isinstance(settings, dict):
             raise CheckpointError(f"{preprocessor}: expected a JSON object")
+        if not isinstance(settings.get("do_normalize", True), bool):
+            raise CheckpointError(f"{preprocessor}: do_normalize is {settings['do_normalize']!r}, expected true "
+                                  "or false")
         return bool(settings.get("do_normalize", True))
     return config.feat_extract_norm == "layer"

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from adaltm_upstream.checkpoints.checkpoint import CheckpointError
+from adaltm_upstream.checkpoints.keys import check_names
 from adaltm_upstream.checkpoints.safe_load import load_tensor_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -30,4 +31,6 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_json(config_file)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
-    return meta, load_tensor_file(weights)
+    state = load_tensor_file(weights)
+    check_names(state, str(weights))
+    return meta, state
