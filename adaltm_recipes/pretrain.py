@@ -46,7 +46,7 @@ WINDOW, HOP = 400, 320            # WavLM's CNN: a 25 ms receptive field every 2
 @dataclass(frozen=True)
 class PretrainSettings:
     """Model size, units and schedule of the pretraining stage."""
-    layers: int = 8
+    layers: int = 6                 # the defaults: the demo's base (6 layers -> 7 layer groups for λ)
     hidden: int = 128
     heads: int = 4
     ffn: int = 256
@@ -55,7 +55,7 @@ class PretrainSettings:
     units: int = 64                 # k-means clusters = prediction targets
     prosody_weight: float = 3.0     # weight of the log-F0 and voicing dimensions in the k-means features
     steps: int = 600
-    batch: int = 16
+    batch: int = 8
     lr: float = 2e-3
     warmup: float = 0.1             # fraction of the steps with a linearly rising learning rate
     mask_prob: float = 0.08         # probability that a frame starts a masked span (HuBERT: 0.08)
@@ -119,9 +119,9 @@ def _log_f0(wav: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.log(SAMPLE_RATE / (lag + shortest).float()) * voiced, voiced
 
 
-def frame_features(wav: torch.Tensor, prosody_weight: float = 1.0) -> torch.Tensor:
+def frame_features(wav: torch.Tensor) -> torch.Tensor:
     """(frames, 41): 13 MFCCs (Kaldi's, c0 = log energy) with Δ and ΔΔ, log F0 and voicing, one row per CNN
-    frame. The prosody columns are scaled by `prosody_weight` (after `standardise`, see `fit_units`)."""
+    frame. `Units` standardises them and weights the two prosody columns by `prosody_weight`."""
     frames = frame_count(len(wav))
     if frames == 0:
         return torch.zeros(0, 41)
@@ -167,13 +167,13 @@ def fit_units(features: list[torch.Tensor], settings: PretrainSettings, max_poin
     frames = torch.cat(features)
     if len(frames) < settings.units:
         raise UserError(f"pretraining: {len(frames)} frames of audio for {settings.units} units (need more audio)")
+    mean, std = frames.mean(dim=0), frames.std(dim=0).clamp(min=1e-5)
     scale = torch.ones(frames.shape[1])
     scale[-2:] = settings.prosody_weight
-    units = Units(frames.mean(dim=0), frames.std(dim=0).clamp(min=1e-5), scale, torch.empty(0))
     generator = torch.Generator().manual_seed(settings.seed)
     sample = frames[torch.randperm(len(frames), generator=generator)[:max_points]]
-    units.centroids = kmeans(units.standardise(sample), settings.units, generator)
-    return units
+    centroids = kmeans((sample - mean) / std * scale, settings.units, generator)
+    return Units(mean, std, scale, centroids)
 
 
 # -- masked prediction -------------------------------------------------------------------------------------------
