@@ -2,8 +2,9 @@
 
 In: every upstream hidden state (this downstream fuses layers itself: `fuses_layers_itself`), batches from an
 SER source and an ASR source interleaved by `schedule`; each batch carries only its own task's labels.
-Transformed: prompt-adaptive fusion over layers per task -> task gate -> CTC head (ASR) or pooled classifier
-(SER). Out: both metric families in `{split}_metrics.json`, `{split}_predictions.tsv`, `{split}_transcripts.tsv`,
+Transformed: per-task fusion over layers (`fusion.variant`: `paper`, per-task softmax weights; `extended`,
+prompt- and utterance-conditioned weights, then a task gate) -> CTC head (ASR) or pooled classifier (SER).
+Out: both metric families in `{split}_metrics.json`, `{split}_predictions.tsv`, `{split}_transcripts.tsv`,
 the learned layer weights per task.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,16 +26,18 @@ from adaltm_downstream.common.emotion import EmotionSettings, EmotionTask, emoti
 from adaltm_downstream.common.expert import finish_evaluation, log_train_losses
 from adaltm_downstream.common.interleave import ChainedLoader, InterleavedLoader
 from adaltm_downstream.common.selection import BestCheckpoint
-from adaltm_downstream.harmonifuse.model import PromptAdaptiveFusion, TaskGate
+from adaltm_downstream.harmonifuse.model import PromptAdaptiveFusion, TaskGate, TaskLayerWeights
 
 TASKS = ("ser", "asr")
 
 
 @dataclass
 class FusionSettings:
-    """`downstream_expert.fusion`."""
+    """`downstream_expert.fusion`. `variant`: `paper` (the published description, see model.py) or `extended`
+    (ours); `prompt_dim` and `utterance_conditioned` apply to `extended` only."""
+    variant: Literal["paper", "extended"] = "paper"
     prompt_dim: int = 64
-    utterance_conditioned: bool = True     # layer weights also depend on the utterance, not only on the task
+    utterance_conditioned: bool = True     # extended: layer weights also depend on the utterance
     max_layers: int = 64
     schedule: list = field(default_factory=lambda: ["ser", "asr"])   # one batch of each, alternating
 
@@ -71,9 +75,14 @@ class DownstreamExpert(nn.Module):
         self.expdir = Path(expdir)
         self.utterances = {task: self.data[task].load_splits(needs_transcripts=task == "asr") for task in TASKS}
 
-        self.fusion = PromptAdaptiveFusion(list(TASKS), upstream_dim, self.fusion_settings.prompt_dim,
-                                           self.fusion_settings.utterance_conditioned, self.fusion_settings.max_layers)
-        self.gates = nn.ModuleDict({t: TaskGate(upstream_dim, self.fusion_settings.prompt_dim) for t in TASKS})
+        fusion = self.fusion_settings
+        if fusion.variant == "paper":
+            self.fusion = TaskLayerWeights(list(TASKS), fusion.max_layers)
+            self.gates = None
+        else:
+            self.fusion = PromptAdaptiveFusion(list(TASKS), upstream_dim, fusion.prompt_dim,
+                                               fusion.utterance_conditioned, fusion.max_layers)
+            self.gates = nn.ModuleDict({t: TaskGate(upstream_dim, fusion.prompt_dim) for t in TASKS})
         self.emotion = EmotionTask(upstream_dim, emotion, self.utterances["ser"]["train"])
         vocabulary = Vocabulary.load_or_build(self.expdir / "vocab.json",
                                               [u.transcript for u in self.utterances["asr"]["train"]])
@@ -103,12 +112,13 @@ class DownstreamExpert(nn.Module):
         lengths = torch.tensor([len(f) for f in features], device=stacked.device)
         valid = torch.arange(stacked.shape[1], device=stacked.device)[None, :] < lengths[:, None]
         fused, weights = self.fusion(task, stacked, valid)
-        gated, gate = self.gates[task](fused, self.fusion.prompt(task))
         records[f"{task}_layer_weights"].append(weights.detach().mean(0).cpu())
-        records[f"{task}_gate"].append(float(gate.detach()[valid].mean()))
+        if self.gates is not None:
+            fused, gate = self.gates[task](fused, self.fusion.prompt(task))
+            records[f"{task}_gate"].append(float(gate.detach()[valid].mean()))
         if task == "ser":
-            return self.emotion(gated, valid, targets, labels, files, records)
-        return self.asr(gated, valid, transcripts, files, records)
+            return self.emotion(fused, valid, targets, labels, files, records)
+        return self.asr(fused, valid, transcripts, files, records)
 
     def layer_weights(self, records) -> dict[str, list[float]]:
         return {t: torch.stack(records[f"{t}_layer_weights"]).mean(0).tolist()
@@ -128,6 +138,7 @@ class DownstreamExpert(nn.Module):
         self.emotion.write(self.expdir, split, records, emotion, speakers)
         self.asr.write(self.expdir, split, records)
         metrics = {**emotion, **asr, "test_set": ser_set, "asr_test_set": asr_set, "emotion_loss": emotion["loss"],
-                   "loss": (emotion["loss"] + asr["asr_loss"]) / 2, "layer_weights": self.layer_weights(records),
-                   "gate_mean": {t: sum(records[f"{t}_gate"]) / len(records[f"{t}_gate"]) for t in TASKS}}
+                   "loss": (emotion["loss"] + asr["asr_loss"]) / 2, "layer_weights": self.layer_weights(records)}
+        if self.gates is not None:
+            metrics["gate_mean"] = {t: sum(records[f"{t}_gate"]) / len(records[f"{t}_gate"]) for t in TASKS}
         return finish_evaluation(self, split, metrics, logger, global_step)

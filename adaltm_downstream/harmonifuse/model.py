@@ -1,5 +1,11 @@
-"""HarmoniFuse's two modules, as its abstract describes them (no code or paper body is public):
+"""HarmoniFuse's layer fusion, in two variants (`downstream_expert.fusion.variant`).
 
+`paper` follows the published description (Si et al., arXiv 2509.18570; read through its public summaries): the
+gated speech encoder is a learnable softmax-weighted sum over all WavLM layers, one weight set per task, trained end
+to end; the prompt selects the task (and so its weights) and the fusion depends on nothing else.
+
+`extended` is this project's reading from before the paper body could be read, kept as a documented extension
+(no source describes its two additions):
 - prompt-adaptive dynamic fusion: per task, weights over all upstream layers computed from a learned task
   embedding (the "prompt") and, optionally, from the utterance itself, replacing one static weighted sum;
 - gated speech encoder: task-conditioned sigmoid gates that keep, per frame and feature, the components of the
@@ -10,6 +16,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class TaskLayerWeights(nn.Module):
+    """`paper`: fused_t = Σ_l softmax(w_t)_l h_l with a learnable logit w_{t,l} per task and layer (all zero at the
+    start: the plain mean, as s3prl's featurizer starts). A table of `max_layers` columns, of which the first L are
+    used, so the module does not need to know the upstream's depth in advance."""
+
+    def __init__(self, tasks: list[str], max_layers: int = 64):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.logits = nn.Parameter(torch.zeros(len(tasks), max_layers))
+
+    def weights(self, task: str, stacked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L) layer weights for `stacked` (B, T, L, D): the task's, the same for every utterance."""
+        layers = stacked.shape[2]
+        if layers > self.logits.shape[1]:
+            raise ValueError(f"upstream has {layers} layers, fusion.max_layers is {self.logits.shape[1]}")
+        weights = torch.softmax(self.logits[self.tasks.index(task), :layers], dim=-1)
+        return weights.expand(stacked.shape[0], -1)
+
+    def forward(self, task: str, stacked: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.weights(task, stacked, valid)
+        return torch.einsum("btld,bl->btd", stacked, weights), weights
 
 
 class PromptAdaptiveFusion(nn.Module):
