@@ -17,13 +17,19 @@ def _extract(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: {len(tensors)} tensors ({args.dtype}), ‖τ‖ = {report['total_norm']:.4g} "
           f"({100 * report['relative_norm']:.3g} % of ‖θ_base‖), base {meta['base_format']}, "
           f"fine-tuned {meta['finetuned_format']}")
+    for note in meta["notes"]:
+        print(f"  {args.finetuned}: {note}")
+    for source, keys in meta["dropped"].items():
+        if keys:
+            print(f"  dropped from the {source} (not backbone weights): {', '.join(keys)}")
     _warn_zero(report)
 
 
 def _warn_zero(report: dict) -> None:
     if report["zero"]:
+        why = report.get("zero_reason") or "was it frozen during fine-tuning?"
         print(f"WARNING: {report['file']}: the task vector is ZERO — the fine-tuned backbone equals the base "
-              "(was it frozen during fine-tuning?)", file=sys.stderr)
+              f"({why})", file=sys.stderr)
     elif report["zero_groups"]:
         print(f"WARNING: {report['file']}: zero in layer group(s) {report['zero_groups']} "
               "(those layers were not trained)", file=sys.stderr)

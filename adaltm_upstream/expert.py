@@ -47,19 +47,12 @@ class AdaLTMUpstream(nn.Module):
         """`base` and `vectors` default to the files the config names (benchmarks pass them in memory)."""
         super().__init__()
         self.config = config
-        base = base if base is not None else load_checkpoint(config.base)
-        base_fingerprint = task_vectors.fingerprint(base.state)
+        base = base if base is not None else load_checkpoint(config.base, check_values=False)
         if vectors is None:
             vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
-        for vector in vectors:
-            task_vectors.check_against_base(vector, base_fingerprint, config.base)
         self.tasks = config.tasks
-        self.fingerprint = hashlib.sha256("|".join(
-            [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
-        ).encode()).hexdigest()[:32]
-
-        self.backbone = WavLMBackbone.from_checkpoint(base, config.hidden_states, sdpa=config.speed.sdpa_attention)
-        self.backbone.requires_grad_(False)
+        # Base and vectors stream from their files straight into the merge's flat buffers; the backbone's
+        # parameters are views of the base buffers. Peak: the buffers plus one tensor in flight.
         groups = partition(base.state, base.num_layers, base.config.do_stable_layer_norm,
                            config.merge.encoder_norm_group)
         self.merge = GroupedMerge(
@@ -68,11 +61,19 @@ class AdaLTMUpstream(nn.Module):
             frozen_groups=frozenset({0}) if config.speed.freeze_group0 else frozenset(),
             vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype],
         )
+        base_fingerprint = task_vectors.fingerprint(self.merge.base_views())
+        for vector in vectors:
+            task_vectors.check_against_base(vector, base_fingerprint, config.base)
+        self.fingerprint = hashlib.sha256("|".join(
+            [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
+        ).encode()).hexdigest()[:32]
+        self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,
+                                      sdpa=config.speed.sdpa_attention, weights=self.merge.base_views())
+        self.backbone.requires_grad_(False)
         self.trains_weights = config.merge.train_merged_weights
         if self.trains_weights:
             self._become_trainable_weights()
         else:
-            self._tie_backbone_to_base()
             self.backbone.register_state_dict_post_hook(_drop_frozen_backbone)
             self.register_load_state_dict_post_hook(_frozen_backbone_not_missing)
             frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]

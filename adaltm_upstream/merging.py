@@ -9,12 +9,15 @@ and their full (groups × tasks) matrix (extra state) do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+from adaltm_upstream.checkpoints.lazy import shapes as tensor_shapes
 
 Granularity = Literal["layerwise", "global", "static"]
 
@@ -26,10 +29,12 @@ class Slot:
     numel: int
 
 
-def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One preallocated buffer filled tensor by tensor (a tensor missing from `tensors` stays zero), so the peak
-    is the buffer plus one source tensor, never a concatenated copy."""
-    flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype)
+def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """One preallocated buffer (`out`, zero, or a new one) filled tensor by tensor (a tensor missing from `tensors`
+    stays zero), so the peak is the buffer plus one source tensor, never a concatenated copy. `tensors` may be a
+    `LazyState` that reads each tensor from its file when asked."""
+    flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype) if out is None else out
     offset = 0
     for slot in slots:
         if slot.name in tensors:
@@ -45,12 +50,13 @@ class GroupedMerge(nn.Module):
         super().__init__()
         self.granularity = granularity
         self.num_groups, self.num_tasks = len(groups), len(vectors)
-        self.layout = [[Slot(n, tuple(base[n].shape), base[n].numel()) for n in names] for names in groups]
+        sizes = tensor_shapes(base)  # from the file's index for a LazyState: nothing is read twice
+        self.layout = [[Slot(n, tuple(sizes[n]), math.prod(sizes[n])) for n in names] for names in groups]
         for g, slots in enumerate(self.layout):
             self.register_buffer(f"base_{g}", _flat(slots, base, torch.float32), persistent=False)
             tau = torch.zeros(self.num_tasks, sum(s.numel for s in slots), dtype=vector_dtype)
             for t, vector in enumerate(vectors):
-                tau[t] = _flat(slots, vector, vector_dtype)
+                _flat(slots, vector, vector_dtype, out=tau[t])
             self.register_buffer(f"tau_{g}", tau, persistent=False)
 
         initial = torch.tensor(init, dtype=torch.float32).expand(self.num_groups, self.num_tasks).clone()

@@ -11,17 +11,18 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_path
 from adaltm_upstream.checkpoints import load_checkpoint
 from adaltm_upstream.checkpoints.architecture import ARCHITECTURE_KEYS, architecture
+from adaltm_upstream.checkpoints.lazy import LazyState, map_safetensors, shapes
 from adaltm_upstream.groups import partition
 
 FORMAT = "adaltm-task-vector/1"
@@ -39,7 +40,7 @@ class TaskVectorError(UserError):
 @dataclass
 class TaskVector:
     path: str
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # from `load`: a `LazyState` in the stored dtype, read per access
     meta: dict
 
     @property
@@ -47,25 +48,29 @@ class TaskVector:
         return self.meta["base_fingerprint"]
 
 
-def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """Content hash of canonical fp32 weights: identical for the same weights in any file format."""
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of canonical fp32 weights: identical for the same weights in any file format. Reads one
+    tensor at a time (a `LazyState` streams from its file; views of flat buffers are hashed in place)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().to(torch.float32).contiguous().cpu()
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).numpy()).cast("B"))
     return digest.hexdigest()[:32]
 
 
-def group_norms(tensors: dict[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
+def group_norms(tensors: Mapping[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
     return [math.sqrt(sum(float(tensors[n].double().pow(2).sum()) for n in names))
             for names in partition(tensors, num_layers, stable)]
 
 
 def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
             dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict]:
-    base, finetuned = load_checkpoint(base_path), load_checkpoint(finetuned_path)
+    """(τ in `dtype`, metadata). Base and fine-tuned weights stream from their files one tensor at a time, so the
+    peak is τ plus a few tensors."""
+    base = load_checkpoint(base_path, check_values=False)
+    finetuned = load_checkpoint(finetuned_path, check_values=False)
     arch_b, arch_f = architecture(base.config), architecture(finetuned.config)
     differing = [k for k in ARCHITECTURE_KEYS if arch_b[k] != arch_f[k]]
     if differing:
@@ -77,13 +82,14 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
     if missing:
         raise TaskVectorError(f"{finetuned_path}: missing backbone keys present in the base: {', '.join(missing[:4])}")
     tensors = {}
-    for key, weight in base.state.items():
+    finetuned_shapes = shapes(finetuned.state)
+    for key, shape in shapes(base.state).items():
         if key not in finetuned.state:
             continue
-        if finetuned.state[key].shape != weight.shape:
-            raise TaskVectorError(f"{finetuned_path}: {key} has shape {tuple(finetuned.state[key].shape)}, "
-                                  f"the base {tuple(weight.shape)}")
-        tensors[key] = (finetuned.state[key] - weight).to(DTYPES[dtype]).contiguous()
+        if finetuned_shapes[key] != shape:
+            raise TaskVectorError(f"{finetuned_path}: {key} has shape {tuple(finetuned_shapes[key])}, "
+                                  f"the base {tuple(shape)}")
+        tensors[key] = (finetuned.state[key] - base.state[key]).to(DTYPES[dtype]).contiguous()
     layers, stable = base.num_layers, base.config.do_stable_layer_norm
     meta = {
         "format": FORMAT,
@@ -97,9 +103,31 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
         "num_layers": layers, "stable_layer_norm": stable,
         "dtype": dtype,
         "group_norms": group_norms(tensors, layers, stable),
-        "base_group_norms": group_norms({k: base.state[k] for k in tensors}, layers, stable),
+        "base_group_norms": group_norms(_Subset(base.state, tensors), layers, stable),
+        "dropped": {"base": base.dropped, "finetuned": finetuned.dropped},
+        "notes": finetuned.notes,
     }
+    if finetuned.frozen_backbone:
+        meta["zero_reason"] = finetuned.frozen_backbone
     return tensors, meta
+
+
+class _Subset(Mapping):
+    """The keys of `keys` read from `state` (lazily)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], keys: Iterable[str]):
+        self.state, self.keys_ = state, list(keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        return self.state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -112,22 +140,19 @@ def load(path: str | os.PathLike) -> TaskVector:
     path = Path(path)
     if not path.is_file():
         raise TaskVectorError(f"{path}: task vector not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("adaltm")
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as error:
-        raise TaskVectorError(f"{path}: not a readable safetensors file ({str(error)[:200]})") from None
+    mapped, metadata = map_safetensors(path, TaskVectorError)
+    raw = metadata.get("adaltm")
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         meta = None
     if not meta or meta.get("format") != FORMAT:
         raise TaskVectorError(f"{path}: not an adaltm task vector (write one with `adaltm task-vector extract`)")
-    for key, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise TaskVectorError(f"{path}: {key} contains NaN or Inf")
-    return TaskVector(str(path), tensors, meta)
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in mapped.values()} - set(DTYPES)
+    if dtypes:
+        raise TaskVectorError(f"{path}: tensors of dtype {sorted(dtypes)[0]}, expected float32 or bfloat16")
+    # values are checked (finite) as each tensor is read
+    return TaskVector(str(path), LazyState(str(path), mapped, True, error=TaskVectorError, dtype=None), meta)
 
 
 def inspect(vectors: list[TaskVector]) -> list[dict]:
@@ -145,6 +170,7 @@ def inspect(vectors: list[TaskVector]) -> list[dict]:
             "total_norm": total,
             "relative_norm": total / base_total if base_total > 0 else 0.0,
             "zero": total <= ZERO_RELATIVE * base_total,
+            "zero_reason": vector.meta.get("zero_reason"),
             "zero_groups": [g["group"] for g in groups if g["norm"] <= ZERO_RELATIVE * base_norms[g["group"]]],
             "groups": groups,
         })
