@@ -64,8 +64,9 @@ def _format_report(report: dict) -> str:
 def _export(args: argparse.Namespace) -> None:
     from adaltm_upstream.export import export
 
-    out = export(args.config, args.states, args.output, args.format)
-    print(f"wrote {out} ({args.format}): merged WavLM weights with the learned λ")
+    out = export(args.config, args.states, args.output, args.format, at_init=args.init)
+    print(f"wrote {out} ({args.format}): merged WavLM weights at "
+          f"{'the configured initial' if args.states is None else 'the learned'} λ")
 
 
 def _plot_lambdas(args: argparse.Namespace) -> None:
@@ -108,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="bake learned λ into plain WavLM weights")
     export.add_argument("-g", "--config", required=True, help="the adaltm_wavlm config (-g) of the run")
-    export.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source.add_argument("--init", action="store_true",
+                        help="export at the config's initial λ (merge.init), e.g. static task arithmetic")
     export.add_argument("-o", "--output", required=True, help="output directory (hf) or file (s3prl)")
     export.add_argument("--format", choices=["hf", "s3prl"], required=True,
                         help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k")

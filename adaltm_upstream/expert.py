@@ -64,9 +64,8 @@ class AdaLTMUpstream(nn.Module):
         base_fingerprint = task_vectors.fingerprint(self.merge.base_views())
         for vector in vectors:
             task_vectors.check_against_base(vector, base_fingerprint, config.base)
-        self.fingerprint = hashlib.sha256("|".join(
-            [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
-        ).encode()).hexdigest()[:32]
+        self.fingerprint = upstream_fingerprint(base_fingerprint, self.tasks,
+                                                [task_vectors.fingerprint(v.tensors) for v in vectors])
         self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,
                                       sdpa=config.speed.sdpa_attention, weights=self.merge.base_views())
         self.backbone.requires_grad_(False)
@@ -117,13 +116,7 @@ class AdaLTMUpstream(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         """Runs before the children's states load, so a mismatch is refused before any λ changes."""
-        found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
-        expected = (self.fingerprint, self.tasks, self.config.merge.granularity)
-        if found != expected:
-            raise StatesMismatch(
-                f"{self.config.source}: the checkpoint's λ were trained on another base, other task vectors or "
-                f"another granularity (fingerprint {found[0]}, tasks {found[1]}, {found[2]}; this config gives "
-                f"{expected[0]}, tasks {expected[1]}, {expected[2]})")
+        check_states(state, self.fingerprint, self.config)
         self.log_step = int(state.get("log_step", 0))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -176,6 +169,23 @@ class AdaLTMUpstream(nn.Module):
         if not self.trains_weights:
             self._tie_backbone_to_base()
         return self
+
+
+def upstream_fingerprint(base_fingerprint: str, tasks: list[str], vector_fingerprints: list[str]) -> str:
+    """What states checkpoints record: base and every (task, vector) pair, in order."""
+    parts = [base_fingerprint] + [f"{t}={f}" for t, f in zip(tasks, vector_fingerprints)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def check_states(state: dict, fingerprint: str, config: UpstreamConfig) -> None:
+    """Refuse an upstream extra state whose base, task vectors or granularity are not the config's."""
+    found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
+    expected = (fingerprint, config.tasks, config.merge.granularity)
+    if found != expected:
+        raise StatesMismatch(
+            f"{config.source}: the checkpoint's λ were trained on another base, other task vectors or "
+            f"another granularity (fingerprint {found[0]}, tasks {found[1]}, {found[2]}; this config gives "
+            f"{expected[0]}, tasks {expected[1]}, {expected[2]})")
 
 
 def _drop_frozen_backbone(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
