@@ -7,6 +7,7 @@ import json
 import sys
 
 from adaltm_core.errors import UserError
+from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
 
 
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    return_freed_memory()
     try:
         args.run(args)
     except UserError as error:

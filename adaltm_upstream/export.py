@@ -124,7 +124,9 @@ def _merged_groups(base: Checkpoint, vectors: list[task_vectors.TaskVector], gro
                             granularity="static", vector_dtype=vector_dtype)
         part.set_lambdas(lambdas[g:g + 1])
         with torch.no_grad():
-            yield part.unflatten(0, part.merge_group(0, part.lambdas()[0]))
+            merged = part.unflatten(0, part.merge_group(0, part.lambdas()[0]))
+        del part  # its buffers go before the next group's are allocated
+        yield merged
 
 
 def _write_hf(output: Path, base: Checkpoint, layout: list[list[str]], groups: Iterator[dict[str, torch.Tensor]],

@@ -37,7 +37,9 @@ def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.d
     flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype) if out is None else out
     offset = 0
     for slot in slots:
-        if slot.name in tensors:
+        if slot.name in tensors and hasattr(tensors, "read_into"):  # straight from the file into the slot
+            tensors.read_into(slot.name, flat[offset:offset + slot.numel])
+        elif slot.name in tensors:
             flat[offset:offset + slot.numel].copy_(tensors[slot.name].reshape(-1))
         offset += slot.numel
     return flat

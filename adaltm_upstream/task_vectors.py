@@ -61,7 +61,9 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def group_norms(tensors: Mapping[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
-    return [math.sqrt(sum(float(tensors[n].double().pow(2).sum()) for n in names))
+    """‖·‖ per layer group (fp32 reductions, no per-tensor fp64 copy: WavLM-Large's largest tensors would make
+    that copy 4× their size)."""
+    return [math.sqrt(sum(float(torch.linalg.vector_norm(tensors[n].float())) ** 2 for n in names))
             for names in partition(tensors, num_layers, stable)]
 
 
@@ -89,7 +91,8 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
         if finetuned_shapes[key] != shape:
             raise TaskVectorError(f"{finetuned_path}: {key} has shape {tuple(finetuned_shapes[key])}, "
                                   f"the base {tuple(shape)}")
-        tensors[key] = (finetuned.state[key] - base.state[key]).to(DTYPES[dtype]).contiguous()
+        tau = finetuned.state[key]  # a fresh fp32 copy: τ is computed in place
+        tensors[key] = tau.sub_(base.state[key]).to(DTYPES[dtype])
     layers, stable = base.num_layers, base.config.do_stable_layer_norm
     meta = {
         "format": FORMAT,
@@ -180,17 +183,24 @@ def inspect(vectors: list[TaskVector]) -> list[dict]:
             raise TaskVectorError(f"{second.path}: extracted from another base than {first.path}; "
                                   "cosines between them are meaningless")
         names = partition(first.tensors, first.meta["num_layers"], first.meta["stable_layer_norm"])
-        for report in reports:
-            for group, keys in zip(report["groups"], names):
-                group["cosine"] = _cosine(first.tensors, second.tensors, keys)
+        for g, keys in enumerate(names):
+            cosine = _cosine(first.tensors, second.tensors, keys)
+            for report in reports:
+                report["groups"][g]["cosine"] = cosine
     return reports
 
 
-def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]) -> float:
-    dot = sum(float((a[k].double() * b[k].double()).sum()) for k in keys if k in b)
-    na = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in keys))
-    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in keys if k in b))
-    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+def _cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: list[str]) -> float:
+    """Reads each tensor once (lazy vectors stream from their files)."""
+    dot = na = nb = 0.0
+    for key in keys:
+        x = a[key].double()
+        na += float(x.pow(2).sum())
+        if key in b:
+            y = b[key].double()
+            dot += float((x * y).sum())
+            nb += float(y.pow(2).sum())
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
 
 def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str) -> None:

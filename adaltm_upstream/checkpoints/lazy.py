@@ -108,15 +108,21 @@ class LazyState(Mapping):
         self.error, self.dtype_out = error, dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        out = torch.empty(self.sources[name].shape, dtype=self.dtype_out or self.sources[name].dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy (and convert) one tensor into `out` (same number of elements, any shape), e.g. a slot of a flat
+        buffer: no allocation beyond a transform's result."""
         source = self.sources[name]
         value = self.transforms[name](source) if name in self.transforms else source
-        out = torch.empty(value.shape, dtype=self.dtype_out or value.dtype)
-        out.copy_(value)
+        out.view(value.shape).copy_(value)
         if self.mapped:
             release_pages(source)
-        if not torch.isfinite(out).all():
+        # the sum is finite unless a value is not (or it overflows: then the exact check decides)
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise self.error(f"{self.where}: {name} contains NaN or Inf")
-        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.sources)
