@@ -93,9 +93,9 @@ def save_like_hub_mixin(model: torch.nn.Module, directory: Path, arguments: dict
     state = {f"backbone_model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     state.update({k: torch.randn(shape) for k, shape in HEADS.items()})
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = {"detailed_class_num": 17, "finetune_method": "lora", "freeze_params": True, "hidden_dim": 256,
-              "lora_rank": 16, "output_class_num": 9, "pretrain_model": "wavlm_large", "use_conv_output": True,
-              **arguments, "lora_rank": RANK}
+    defaults = {"detailed_class_num": 17, "finetune_method": "lora", "freeze_params": True, "hidden_dim": 256,
+                "lora_rank": 16, "output_class_num": 9, "pretrain_model": "wavlm_large", "use_conv_output": True}
+    config = {**defaults, **arguments, "lora_rank": RANK}
     (directory / "config.json").write_text(json.dumps(config, sort_keys=True))
     return directory
 
