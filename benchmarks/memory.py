@@ -66,12 +66,16 @@ def wavlm_config(layers: int, width: int):
                        num_conv_pos_embedding_groups=16, num_buckets=320, max_bucket_distance=800)
 
 
-def write_checkpoints(directory: Path, layers: int, width: int) -> dict[str, int]:
-    """base.pt (unilm), asr.pt (unilm), ser/ (transformers directory), the configs; returns sizes in bytes."""
+def write_checkpoints(directory: Path, layers: int, width: int, finetuned: bool = True) -> dict[str, int]:
+    """base.pt (unilm) and the two configs; with `finetuned`, asr.pt (unilm) and ser/ (transformers directory)
+    for the extract steps to turn into task vectors, else the two task vectors themselves (random τ, for a
+    build alone). Returns the bytes of one fp32 copy and the parameter count."""
     import torch
+    import yaml
     from safetensors.torch import save_file
     from transformers import WavLMModel
 
+    from adaltm_upstream import task_vectors
     from adaltm_upstream.export import write_unilm_checkpoint
 
     config = wavlm_config(layers, width)
@@ -80,17 +84,20 @@ def write_checkpoints(directory: Path, layers: int, width: int) -> dict[str, int
     generator = torch.Generator().manual_seed(0)
     base = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
     write_unilm_checkpoint(directory / "base.pt", config, True, base)
-    for task, offset in (("asr", 1), ("ser", 2)):
-        tuned = {k: v + torch.randn(v.shape, generator=generator) * 1e-3 * offset for k, v in base.items()}
-        if task == "asr":
-            write_unilm_checkpoint(directory / "asr.pt", config, True, tuned)
+    base_fingerprint = task_vectors.fingerprint(base) if not finetuned else None
+    for task, scale in (("asr", 1e-3), ("ser", 2e-3)):
+        delta = {k: torch.randn(v.shape, generator=generator) * scale for k, v in base.items()}
+        if not finetuned:
+            task_vectors.save(directory / f"{task}.safetensors", delta, {
+                "format": task_vectors.FORMAT, "base": str(directory / "base.pt"), "base_fingerprint": base_fingerprint})
+        elif task == "asr":
+            write_unilm_checkpoint(directory / "asr.pt", config, True, {k: v + delta[k] for k, v in base.items()})
         else:
             (directory / "ser").mkdir(exist_ok=True)
             config.to_json_file(directory / "ser" / "config.json")
-            save_file(tuned, str(directory / "ser" / "model.safetensors"), metadata={"format": "pt"})
-        del tuned
-    import yaml
-
+            save_file({k: v + delta[k] for k, v in base.items()}, str(directory / "ser" / "model.safetensors"),
+                      metadata={"format": "pt"})
+        del delta
     (directory / "frozen.yaml").write_text(yaml.safe_dump({"base": "base.pt", "task_vectors": {},
                                                            "merge": {"granularity": "static"}}))
     (directory / "adaltm.yaml").write_text(yaml.safe_dump({
