@@ -19,3 +19,16 @@ def test_fresh_process_builds_the_adaltm_upstream_within_the_target(tmp_path):
     found = memory.measure("build_adaltm", tmp_path)
     ratio = (found["peak"] - found["after_imports"]) / (3 * sizes["one_copy"])
     assert 0.95 <= ratio <= memory.TARGET, found  # below 0.95 the build could not have held its buffers
+
+
+def test_backbone_parameters_are_the_merge_base_buffers(merge_setup):
+    """No second copy of the base and no random initialisation: every backbone parameter, the weight-normed
+    positional convolution's g and v included, lives in the merge's flat base buffers."""
+    from adaltm_upstream import adaltm_wavlm
+
+    upstream = adaltm_wavlm(model_config={"base": str(merge_setup["base"]),
+                                          "task_vectors": {"asr": str(merge_setup["asr"])}})
+    buffers = {b.untyped_storage().data_ptr() for n, b in upstream.merge.named_buffers() if n.startswith("base_")}
+    parameters = dict(upstream.backbone.model.named_parameters())
+    assert "encoder.pos_conv_embed.conv.parametrizations.weight.original1" in parameters
+    assert all(p.untyped_storage().data_ptr() in buffers for p in parameters.values())
