@@ -88,8 +88,9 @@ def write_checkpoints(directory: Path, layers: int, width: int, finetuned: bool 
     for task, scale in (("asr", 1e-3), ("ser", 2e-3)):
         delta = {k: torch.randn(v.shape, generator=generator) * scale for k, v in base.items()}
         if not finetuned:
-            task_vectors.save(directory / f"{task}.safetensors", delta, {
-                "format": task_vectors.FORMAT, "base": str(directory / "base.pt"), "base_fingerprint": base_fingerprint})
+            meta = {"format": task_vectors.FORMAT, "base": str(directory / "base.pt"),
+                    "base_fingerprint": base_fingerprint}
+            task_vectors.save(directory / f"{task}.safetensors", delta, meta)
         elif task == "asr":
             write_unilm_checkpoint(directory / "asr.pt", config, True, {k: v + delta[k] for k, v in base.items()})
         else:
