@@ -69,6 +69,9 @@ class AdaLTMUpstream(nn.Module):
         self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,
                                       sdpa=config.speed.sdpa_attention, weights=self.merge.base_views())
         self.backbone.requires_grad_(False)
+        # children in the order they had before the merge was built first: optimizer states of resumed runs
+        # address parameters by position
+        self._modules["merge"] = self._modules.pop("merge")
         self.trains_weights = config.merge.train_merged_weights
         if self.trains_weights:
             self._become_trainable_weights()
