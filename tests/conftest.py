@@ -125,3 +125,13 @@ def mini_msp(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("msp") / "MSP-Podcast"
     return root, write_mini_msp(root)
+
+
+@pytest.fixture
+def tensors():
+    """Plain named tensors for merge unit tests: a base, two vectors (the second lacks "b"), two groups."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(2, 3, generator=g), "b": torch.randn(4, generator=g), "c": torch.randn(3, generator=g)}
+    asr = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ser = {"a": torch.randn(2, 3, generator=g), "c": torch.randn(3, generator=g)}  # no "b": τ_ser(b) = 0
+    return base, [asr, ser], [["a", "b"], ["c"]]

@@ -103,15 +103,6 @@ def test_method_config_errors_name_the_file_and_field(merge_setup, tmp_path, mer
 
 # -- tensorwise λ and constraints ------------------------------------------------------------------------------
 
-@pytest.fixture
-def tensors():
-    g = torch.Generator().manual_seed(0)
-    base = {"a": torch.randn(2, 3, generator=g), "b": torch.randn(4, generator=g), "c": torch.randn(3, generator=g)}
-    asr = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
-    ser = {"a": torch.randn(2, 3, generator=g), "c": torch.randn(3, generator=g)}  # no "b": τ_ser(b) = 0
-    return base, [asr, ser], [["a", "b"], ["c"]]
-
-
 def test_tensorwise_merge_with_constraints_equals_the_hand_merge_and_its_gradient(tensors):
     base, vectors, groups = tensors
     constraints = LambdaConstraints(clamp=(0.0, 1.0), normalize="softmax")

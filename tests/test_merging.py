@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from adaltm_upstream.groups import partition
@@ -21,15 +20,6 @@ def test_partition_follows_the_paper_and_places_the_encoder_norm():
     assert "encoder.layer_norm.weight" in post_ln[0]
     outside = partition(NAMES, num_layers=2, stable_layer_norm=True, encoder_norm_group="outside")
     assert "encoder.layer_norm.weight" in outside[0] and outside[2] == ["encoder.layers.1.fc.weight"]
-
-
-@pytest.fixture
-def tensors():
-    g = torch.Generator().manual_seed(0)
-    base = {"a": torch.randn(2, 3, generator=g), "b": torch.randn(4, generator=g), "c": torch.randn(3, generator=g)}
-    asr = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
-    ser = {"a": torch.randn(2, 3, generator=g), "c": torch.randn(3, generator=g)}  # no "b": τ_ser(b) = 0
-    return base, [asr, ser], [["a", "b"], ["c"]]
 
 
 def hand_merge(base, vectors, lambdas, groups):
