@@ -88,7 +88,7 @@ def check_states_file(path: str, flag: str) -> dict:
         raise UserError(f"{target}: {flag}: no such file or directory")
     if target.stat().st_size == 0:
         raise UserError(f"{target}: {flag}: empty file")
-    states = torch_load(target)
+    states = torch_load(target, mmap=True)  # s3prl loads it again: do not read a 1.3 GB file twice
     missing = [k for k in ("Args", "Config") if not isinstance(states, dict) or k not in states]
     if missing:
         raise UserError(f"{target}: {flag}: not a states checkpoint of run_downstream.py (no {', '.join(missing)})")

@@ -1,10 +1,12 @@
 """`run_downstream.py` / `adaltm-run-downstream`: s3prl's own CLI, made to work on the modern stack.
 
 The command line is s3prl's; before handing over to `s3prl.run_downstream.main()` the launcher
-  1. applies the compatibility fixes (`compat`) and registers the plugin (`registration`);
+  1. checks every file, directory and override on it (`arguments.check_command_line`), applies the compatibility
+     fixes (`compat`) and registers the plugin (`registration`, which also checks the run's config);
   2. completes the arguments s3prl cannot infer itself (`prepare_argv`): the packaged config of a plugin
      downstream, `--local_rank` from torchrun's LOCAL_RANK, the gloo backend and `--device cpu` without CUDA,
      and `-f` for an `adaltm_wavlm` whose λ are trainable.
+Errors the user or the machine can fix end as one line and exit status 2 (`adaltm_core.errors`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from adaltm_s3prl import compat, registration
 from adaltm_s3prl.arguments import check_command_line, known_arguments
 
 LOG = logging.getLogger("adaltm")
+
 
 def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The argument list s3prl should see, and one notice line per argument added."""
