@@ -7,6 +7,7 @@ import json
 import sys
 
 from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
 
 
@@ -17,13 +18,19 @@ def _extract(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: {len(tensors)} tensors ({args.dtype}), ‖τ‖ = {report['total_norm']:.4g} "
           f"({100 * report['relative_norm']:.3g} % of ‖θ_base‖), base {meta['base_format']}, "
           f"fine-tuned {meta['finetuned_format']}")
+    for note in meta["notes"]:
+        print(f"  {args.finetuned}: {note}")
+    for source, keys in meta["dropped"].items():
+        if keys:
+            print(f"  dropped from the {source} (not backbone weights): {', '.join(keys)}")
     _warn_zero(report)
 
 
 def _warn_zero(report: dict) -> None:
     if report["zero"]:
+        why = report.get("zero_reason") or "was it frozen during fine-tuning?"
         print(f"WARNING: {report['file']}: the task vector is ZERO — the fine-tuned backbone equals the base "
-              "(was it frozen during fine-tuning?)", file=sys.stderr)
+              f"({why})", file=sys.stderr)
     elif report["zero_groups"]:
         print(f"WARNING: {report['file']}: zero in layer group(s) {report['zero_groups']} "
               "(those layers were not trained)", file=sys.stderr)
@@ -58,8 +65,9 @@ def _format_report(report: dict) -> str:
 def _export(args: argparse.Namespace) -> None:
     from adaltm_upstream.export import export
 
-    out = export(args.config, args.states, args.output, args.format)
-    print(f"wrote {out} ({args.format}): merged WavLM weights with the learned λ")
+    out = export(args.config, args.states, args.output, args.format, at_init=args.init)
+    print(f"wrote {out} ({args.format}): merged WavLM weights at "
+          f"{'the configured initial' if args.states is None else 'the learned'} λ")
 
 
 def _plot_lambdas(args: argparse.Namespace) -> None:
@@ -159,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="bake learned λ into plain WavLM weights")
     export.add_argument("-g", "--config", required=True, help="the adaltm_wavlm config (-g) of the run")
-    export.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source.add_argument("--init", action="store_true",
+                        help="export at the config's initial λ (merge.init), e.g. static task arithmetic")
     export.add_argument("-o", "--output", required=True, help="output directory (hf) or file (s3prl)")
     export.add_argument("--format", choices=["hf", "s3prl"], required=True,
                         help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k")
@@ -230,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    return_freed_memory()
     try:
         args.run(args)
     except (UserError, OSError) as error:

@@ -48,3 +48,26 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
     with atomic_path(path, suffix=".ckpt") as tmp:
         torch.save(obj, tmp)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it takes `path`'s place (whatever was there is
+    removed only after the new one is in place), on failure it is removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=path.parent)) / path.name
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -13,8 +13,8 @@ from adaltm_core.errors import UserError
 
 
 def torch_load(path: str | os.PathLike, error: type[UserError] = UserError, mmap: bool = False) -> object:
-    """The file's content, or `error` with one line naming the file and why it cannot be read. `mmap`: tensors stay
-    in the file until touched (zip-format files, what `torch.save` writes), for a look at a large checkpoint."""
+    """The file's content, or `error` with one line naming the file and why it cannot be read. `mmap`: tensors
+    stay views of the file until read (zip-format files only, i.e. everything torch.save wrote since 1.6)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")

@@ -49,19 +49,12 @@ class AdaLTMUpstream(nn.Module):
         """`base` and `vectors` default to the files the config names (benchmarks pass them in memory)."""
         super().__init__()
         self.config = config
-        base = base if base is not None else load_checkpoint(config.base)
-        base_fingerprint = task_vectors.fingerprint(base.state)
+        base = base if base is not None else load_checkpoint(config.base, check_values=False)
         if vectors is None:
             vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
-        for vector in vectors:
-            task_vectors.check_against_base(vector, base_fingerprint, config.base, base.state)
         self.tasks = config.tasks
-        self.fingerprint = hashlib.sha256("|".join(
-            [base_fingerprint] + [f"{t}={task_vectors.fingerprint(v.tensors)}" for t, v in zip(self.tasks, vectors)]
-            + _method_record(config)).encode()).hexdigest()[:32]
-
-        self.backbone = WavLMBackbone.from_checkpoint(base, config.hidden_states, sdpa=config.speed.sdpa_attention)
-        self.backbone.requires_grad_(False)
+        # Base and vectors stream from their files straight into the merge's flat buffers; the backbone's
+        # parameters are views of the base buffers. Peak: the buffers plus one tensor in flight.
         groups = partition(base.state, base.num_layers, base.config.do_stable_layer_norm,
                            config.merge.encoder_norm_group)
         self.merge = GroupedMerge(
@@ -71,11 +64,21 @@ class AdaLTMUpstream(nn.Module):
             vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype],
             tasks=self.tasks, ops=config.merge.vector_ops, constraints=config.merge.constraints,
         )
+        base_fingerprint = task_vectors.fingerprint(self.merge.base_views())
+        for vector in vectors:
+            task_vectors.check_against_base(vector, base_fingerprint, config.base, base.state)
+        self.fingerprint = upstream_fingerprint(base_fingerprint, [task_vectors.fingerprint(v.tensors)
+                                                                   for v in vectors], config)
+        self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,
+                                      sdpa=config.speed.sdpa_attention, weights=self.merge.base_views())
+        self.backbone.requires_grad_(False)
+        # children in the order they had before the merge was built first: optimizer states of resumed runs
+        # address parameters by position
+        self._modules["merge"] = self._modules.pop("merge")
         self.trains_weights = config.merge.train_merged_weights
         if self.trains_weights:
             self._become_trainable_weights()
         else:
-            self._tie_backbone_to_base()
             self.backbone.register_state_dict_post_hook(_drop_frozen_backbone)
             self.register_load_state_dict_post_hook(_frozen_backbone_not_missing)
             frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
@@ -121,20 +124,7 @@ class AdaLTMUpstream(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         """Runs before the children's states load, so a mismatch is refused before any λ changes."""
-        found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
-        expected = (self.fingerprint, self.tasks, self.config.merge.granularity)
-        merge = self.config.merge
-        methods = (state.get("vector_ops", NO_OPS.record()), state.get("constraints", NO_CONSTRAINTS.record()))
-        if found[1:] == expected[1:] and methods != (merge.vector_ops.record(), merge.constraints.record()):
-            raise StatesMismatch(
-                f"{self.config.source}: the checkpoint's λ were trained with other task-vector operations or λ "
-                f"constraints (merge.vector_ops {methods[0]}, merge.constraints {methods[1]}; this config gives "
-                f"{merge.vector_ops.record()}, {merge.constraints.record()})")
-        if found != expected:
-            raise StatesMismatch(
-                f"{self.config.source}: the checkpoint's λ were trained on another base, other task vectors or "
-                f"another granularity (fingerprint {found[0]}, tasks {found[1]}, {found[2]}; this config gives "
-                f"{expected[0]}, tasks {expected[1]}, {expected[2]})")
+        check_states(state, self.fingerprint, self.config)
         self.log_step = int(state.get("log_step", 0))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -191,6 +181,36 @@ class AdaLTMUpstream(nn.Module):
         return self
 
 
+def upstream_fingerprint(base_fingerprint: str, vector_fingerprints: list[str], config: UpstreamConfig) -> str:
+    """What states checkpoints record: base, every (task, vector) pair in order, and the task-vector operations
+    and λ constraints when used (runs without them keep their fingerprints)."""
+    parts = [base_fingerprint] + [f"{t}={f}" for t, f in zip(config.tasks, vector_fingerprints)]
+    if not config.merge.vector_ops.identity:
+        parts.append("ops=" + json.dumps(config.merge.vector_ops.record(), sort_keys=True))
+    if config.merge.constraints != NO_CONSTRAINTS:
+        parts.append("constraints=" + json.dumps(config.merge.constraints.record(), sort_keys=True))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def check_states(state: dict, fingerprint: str, config: UpstreamConfig) -> None:
+    """Refuse an upstream extra state whose base, task vectors, granularity or merging method are not the
+    config's; a difference in method alone is named as such."""
+    found = (state.get("fingerprint"), list(state.get("tasks", [])), state.get("granularity"))
+    expected = (fingerprint, config.tasks, config.merge.granularity)
+    merge = config.merge
+    methods = (state.get("vector_ops", NO_OPS.record()), state.get("constraints", NO_CONSTRAINTS.record()))
+    if found[1:] == expected[1:] and methods != (merge.vector_ops.record(), merge.constraints.record()):
+        raise StatesMismatch(
+            f"{config.source}: the checkpoint's λ were trained with other task-vector operations or λ "
+            f"constraints (merge.vector_ops {methods[0]}, merge.constraints {methods[1]}; this config gives "
+            f"{merge.vector_ops.record()}, {merge.constraints.record()})")
+    if found != expected:
+        raise StatesMismatch(
+            f"{config.source}: the checkpoint's λ were trained on another base, other task vectors or "
+            f"another granularity (fingerprint {found[0]}, tasks {found[1]}, {found[2]}; this config gives "
+            f"{expected[0]}, tasks {expected[1]}, {expected[2]})")
+
+
 def _drop_frozen_backbone(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
     """state_dict hook of a frozen backbone: its weights are the configured base, never checkpoint content."""
     for key in [k for k in state if k.startswith(prefix)]:
@@ -200,17 +220,6 @@ def _drop_frozen_backbone(module: nn.Module, state: dict, prefix: str, local_met
 def _frozen_backbone_not_missing(module: nn.Module, incompatible) -> None:
     """load_state_dict hook: a frozen backbone's weights come from the config, so their absence is expected."""
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith("backbone.")]
-
-
-def _method_record(config: UpstreamConfig) -> list[str]:
-    """Fingerprint parts for task-vector operations and λ constraints; none when unused, so runs without them keep
-    their fingerprints."""
-    parts = []
-    if not config.merge.vector_ops.identity:
-        parts.append("ops=" + json.dumps(config.merge.vector_ops.record(), sort_keys=True))
-    if config.merge.constraints != NO_CONSTRAINTS:
-        parts.append("constraints=" + json.dumps(config.merge.constraints.record(), sort_keys=True))
-    return parts
 
 
 def read_lambdas(upstream_state: dict) -> tuple[list[str], torch.Tensor] | None:

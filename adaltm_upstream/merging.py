@@ -7,15 +7,17 @@ merged tensor is a view into its group's result. dL/dλ_t^(g) = ⟨dL/dW^(g), τ
 and their full (rows × tasks) matrix (extra state) do.
 
 Granularities: `layerwise` (one λ row per group), `global` (one row shared by all groups), `static` (fixed λ),
-`tensorwise` (one row per tensor, AdaMerging's original; rows in flat-layout order, named by `row_names`). Tensorwise
-merges each tensor with its own `addmv` over views of the group buffers, whose result is used directly as that
-tensor: exact dλ and about the cost of the layerwise merge on CPU (/work/notes/tensorwise_bench.py; no flat result,
-no `cat`, no λ expanded to the buffer's length). Task-vector operations (`vector_ops`: trim, TIES, DARE) are applied
-group by group while the buffers fill, and λ constraints (clamp, normalisation across tasks) on every merge.
+`tensorwise` (one row per tensor, AdaMerging's original; rows in flat-layout order, named by `row_names`).
+Tensorwise merges each tensor with its own `addmv` over views of the group buffers, whose result is used directly
+as that tensor: exact dλ at about the cost of the layerwise merge (`adaltm_tensorwise` in
+`benchmarks/train_step.py`; no flat result, no `cat`, no λ expanded to the buffer's length). Task-vector operations
+(`vector_ops`: trim, TIES, DARE) are applied name by name while the buffers fill, and λ constraints (clamp,
+normalisation across tasks) on every merge.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from adaltm_upstream import vector_ops
+from adaltm_upstream.checkpoints.lazy import shapes as tensor_shapes
 from adaltm_upstream.vector_ops import LambdaConstraints, VectorOps
 
 Granularity = Literal["layerwise", "global", "static", "tensorwise"]
@@ -37,13 +40,17 @@ class Slot:
     numel: int
 
 
-def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One preallocated buffer filled tensor by tensor (a tensor missing from `tensors` stays zero), so the peak
-    is the buffer plus one source tensor, never a concatenated copy."""
-    flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype)
+def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """One preallocated buffer (`out`, zero, or a new one) filled tensor by tensor (a tensor missing from `tensors`
+    stays zero), so the peak is the buffer plus one source tensor, never a concatenated copy. `tensors` may be a
+    `LazyState` that reads each tensor from its file when asked."""
+    flat = torch.zeros(sum(s.numel for s in slots), dtype=dtype) if out is None else out
     offset = 0
     for slot in slots:
-        if slot.name in tensors:
+        if slot.name in tensors and hasattr(tensors, "read_into"):  # straight from the file into the slot
+            tensors.read_into(slot.name, flat[offset:offset + slot.numel])
+        elif slot.name in tensors:
             flat[offset:offset + slot.numel].copy_(tensors[slot.name].reshape(-1))
         offset += slot.numel
     return flat
@@ -51,20 +58,30 @@ def _flat(slots: list[Slot], tensors: Mapping[str, torch.Tensor], dtype: torch.d
 
 def _fill_vectors(slots: list[Slot], vectors: list[Mapping[str, torch.Tensor]], tasks: list[str], ops: VectorOps,
                   dtype: torch.dtype) -> torch.Tensor:
-    """One group's (tasks × numel) buffer, its tensors processed by `ops` one name at a time on the way in, so the
-    extra memory is one name's tensors across tasks (never a processed copy of all vectors)."""
-    offsets, start = {}, 0
+    """One group's (tasks × numel) buffer. Without ops each vector is read straight into its row; with ops, one
+    name at a time is read across tasks, processed and copied in, so the extra memory is one name's tensors
+    (never a processed copy of all vectors)."""
+    tau = torch.zeros(len(vectors), sum(s.numel for s in slots), dtype=dtype)
+    if ops.identity:
+        for t, vector in enumerate(vectors):
+            _flat(slots, vector, dtype, out=tau[t])
+        return tau
+    offset = 0
     for slot in slots:
-        offsets[slot.name] = (start, slot.numel)
-        start += slot.numel
-    tau = torch.zeros(len(vectors), start, dtype=dtype)
-    inputs = [{s.name: v[s.name] for s in slots if s.name in v} for v in vectors]
-    for name, values in vector_ops.process(ops, inputs, tasks):
-        offset, numel = offsets[name]
-        for t, value in enumerate(values):
-            if value is not None:
-                tau[t, offset:offset + numel].copy_(value.reshape(-1))
+        inputs = [{slot.name: vector[slot.name]} if slot.name in vector else {} for vector in vectors]
+        for _, values in vector_ops.process(ops, inputs, tasks):
+            for t, value in enumerate(values):
+                if value is not None:
+                    tau[t, offset:offset + slot.numel].copy_(value.reshape(-1))
+        offset += slot.numel
     return tau
+
+
+def row_names(groups: list[list[str]], granularity: Granularity) -> list[str]:
+    """The names of the λ rows: `group_<g>` per layer group, or each tensor's name (tensorwise, flat-layout order)."""
+    if granularity == "tensorwise":
+        return [name for names in groups for name in names]
+    return [f"group_{g}" for g in range(len(groups))]
 
 
 class GroupedMerge(nn.Module):
@@ -79,18 +96,16 @@ class GroupedMerge(nn.Module):
         self.constraints = constraints
         self.num_groups, self.num_tasks = len(groups), len(vectors)
         tasks = list(tasks) if tasks is not None else [f"t{t}" for t in range(self.num_tasks)]
-        self.layout = [[Slot(n, tuple(base[n].shape), base[n].numel()) for n in names] for names in groups]
+        sizes = tensor_shapes(base)  # from the file's index for a LazyState: nothing is read twice
+        self.layout = [[Slot(n, tuple(sizes[n]), math.prod(sizes[n])) for n in names] for names in groups]
         for g, slots in enumerate(self.layout):
             self.register_buffer(f"base_{g}", _flat(slots, base, torch.float32), persistent=False)
             self.register_buffer(f"tau_{g}", _fill_vectors(slots, vectors, tasks, ops, vector_dtype), persistent=False)
 
         # λ rows: one per group, or one per tensor (tensorwise); `row_group` maps a row to its group.
-        if granularity == "tensorwise":
-            self.row_group = [g for g, slots in enumerate(self.layout) for _ in slots]
-            self.row_names = [s.name for slots in self.layout for s in slots]
-        else:
-            self.row_group = list(range(self.num_groups))
-            self.row_names = [f"group_{g}" for g in range(self.num_groups)]
+        self.row_names = row_names(groups, granularity)
+        self.row_group = ([g for g, names in enumerate(groups) for _ in names] if granularity == "tensorwise"
+                          else list(range(self.num_groups)))
         initial = torch.tensor(init, dtype=torch.float32).expand(len(self.row_group), self.num_tasks).clone()
         self.frozen_groups = frozenset(frozen_groups) if granularity in ("layerwise", "tensorwise") else frozenset()
         self.trainable_rows = [r for r, g in enumerate(self.row_group) if g not in self.frozen_groups]

@@ -11,18 +11,18 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_path
 from adaltm_upstream.checkpoints import load_checkpoint
 from adaltm_upstream.checkpoints.architecture import ARCHITECTURE_KEYS, architecture
+from adaltm_upstream.checkpoints.lazy import LazyState, map_safetensors, shapes
 from adaltm_upstream.checkpoints.validate import OPTIONAL
 from adaltm_upstream.groups import partition
 
@@ -41,7 +41,7 @@ class TaskVectorError(UserError):
 @dataclass
 class TaskVector:
     path: str
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # from `load`: a `LazyState` in the stored dtype, read per access
     meta: dict
 
     @property
@@ -49,25 +49,31 @@ class TaskVector:
         return self.meta["base_fingerprint"]
 
 
-def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """Content hash of canonical fp32 weights: identical for the same weights in any file format."""
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of canonical fp32 weights: identical for the same weights in any file format. Reads one
+    tensor at a time (a `LazyState` streams from its file; views of flat buffers are hashed in place)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().to(torch.float32).contiguous().cpu()
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).numpy()).cast("B"))
     return digest.hexdigest()[:32]
 
 
-def group_norms(tensors: dict[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
-    return [math.sqrt(sum(float(tensors[n].double().pow(2).sum()) for n in names))
+def group_norms(tensors: Mapping[str, torch.Tensor], num_layers: int, stable: bool) -> list[float]:
+    """‖·‖ per layer group (fp32 reductions, no per-tensor fp64 copy: WavLM-Large's largest tensors would make
+    that copy 4× their size)."""
+    return [math.sqrt(sum(float(torch.linalg.vector_norm(tensors[n].float())) ** 2 for n in names))
             for names in partition(tensors, num_layers, stable)]
 
 
 def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
             dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict]:
-    base, finetuned = load_checkpoint(base_path), load_checkpoint(finetuned_path)
+    """(τ in `dtype`, metadata). Base and fine-tuned weights stream from their files one tensor at a time, so the
+    peak is τ plus a few tensors."""
+    base = load_checkpoint(base_path, check_values=False)
+    finetuned = load_checkpoint(finetuned_path, check_values=False)
     arch_b, arch_f = architecture(base.config), architecture(finetuned.config)
     differing = [k for k in ARCHITECTURE_KEYS if arch_b[k] != arch_f[k]]
     if differing:
@@ -78,13 +84,15 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
     if missing:
         raise TaskVectorError(f"{finetuned_path}: missing backbone keys present in the base: {', '.join(missing[:4])}")
     tensors = {}
-    for key, weight in base.state.items():
+    finetuned_shapes = shapes(finetuned.state)
+    for key, shape in shapes(base.state).items():
         if key not in finetuned.state:
             continue
-        if finetuned.state[key].shape != weight.shape:
-            raise TaskVectorError(f"{finetuned_path}: {key} has shape {tuple(finetuned.state[key].shape)}, "
-                                  f"the base {tuple(weight.shape)}")
-        tensors[key] = (finetuned.state[key] - weight).to(DTYPES[dtype]).contiguous()
+        if finetuned_shapes[key] != shape:
+            raise TaskVectorError(f"{finetuned_path}: {key} has shape {tuple(finetuned_shapes[key])}, "
+                                  f"the base {tuple(shape)}")
+        tau = finetuned.state[key]  # a fresh fp32 copy: τ is computed in place
+        tensors[key] = tau.sub_(base.state[key]).to(DTYPES[dtype])
     layers, stable = base.num_layers, base.config.do_stable_layer_norm
     meta = {
         "format": FORMAT,
@@ -98,9 +106,31 @@ def extract(base_path: str | os.PathLike, finetuned_path: str | os.PathLike,
         "num_layers": layers, "stable_layer_norm": stable,
         "dtype": dtype,
         "group_norms": group_norms(tensors, layers, stable),
-        "base_group_norms": group_norms({k: base.state[k] for k in tensors}, layers, stable),
+        "base_group_norms": group_norms(_Subset(base.state, tensors), layers, stable),
+        "dropped": {"base": base.dropped, "finetuned": finetuned.dropped},
+        "notes": finetuned.notes,
     }
+    if finetuned.frozen_backbone:
+        meta["zero_reason"] = finetuned.frozen_backbone
     return tensors, meta
+
+
+class _Subset(Mapping):
+    """The keys of `keys` read from `state` (lazily)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], keys: Iterable[str]):
+        self.state, self.keys_ = state, list(keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        return self.state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -113,23 +143,17 @@ def load(path: str | os.PathLike) -> TaskVector:
     path = Path(path)
     if not path.is_file():
         raise TaskVectorError(f"{path}: task vector not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("adaltm")
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as error:
-        raise TaskVectorError(f"{path}: not a readable safetensors file ({str(error)[:200]})") from None
+    mapped, metadata = map_safetensors(path, TaskVectorError)
+    raw = metadata.get("adaltm")
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         meta = None
     if not meta or meta.get("format") != FORMAT:
         raise TaskVectorError(f"{path}: not an adaltm task vector (write one with `adaltm task-vector extract`)")
-    _check_dtypes(path, tensors)
-    for key, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise TaskVectorError(f"{path}: {key} contains NaN or Inf")
-    return TaskVector(str(path), tensors, meta)
+    _check_dtypes(path, mapped)
+    # values are checked (finite) as each tensor is read
+    return TaskVector(str(path), LazyState(str(path), mapped, True, error=TaskVectorError, dtype=None), meta)
 
 
 def _check_dtypes(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -156,6 +180,7 @@ def inspect(vectors: list[TaskVector]) -> list[dict]:
             "total_norm": total,
             "relative_norm": total / base_total if base_total > 0 else 0.0,
             "zero": total <= ZERO_RELATIVE * base_total,
+            "zero_reason": vector.meta.get("zero_reason"),
             "zero_groups": [g["group"] for g in groups if g["norm"] <= ZERO_RELATIVE * base_norms[g["group"]]],
             "groups": groups,
         })
@@ -165,17 +190,24 @@ def inspect(vectors: list[TaskVector]) -> list[dict]:
             raise TaskVectorError(f"{second.path}: extracted from another base than {first.path}; "
                                   "cosines between them are meaningless")
         names = partition(first.tensors, first.meta["num_layers"], first.meta["stable_layer_norm"])
-        for report in reports:
-            for group, keys in zip(report["groups"], names):
-                group["cosine"] = _cosine(first.tensors, second.tensors, keys)
+        for g, keys in enumerate(names):
+            cosine = _cosine(first.tensors, second.tensors, keys)
+            for report in reports:
+                report["groups"][g]["cosine"] = cosine
     return reports
 
 
-def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]) -> float:
-    dot = sum(float((a[k].double() * b[k].double()).sum()) for k in keys if k in b)
-    na = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in keys))
-    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in keys if k in b))
-    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+def _cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: list[str]) -> float:
+    """Reads each tensor once (lazy vectors stream from their files)."""
+    dot = na = nb = 0.0
+    for key in keys:
+        x = a[key].double()
+        na += float(x.pow(2).sum())
+        if key in b:
+            y = b[key].double()
+            dot += float((x * y).sum())
+            nb += float(y.pow(2).sum())
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
 
 def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str,
@@ -198,7 +230,8 @@ def _check_covers(vector: TaskVector, base_path: str, base_state: Mapping[str, t
     if unknown:
         raise TaskVectorError(f"{vector.path}: holds tensor(s) the base {base_path} has not: "
                               f"{', '.join(unknown[:3])}")
-    wrong = next((k for k, t in vector.tensors.items() if t.shape != base_state[k].shape), None)
+    ours, theirs = shapes(vector.tensors), shapes(base_state)
+    wrong = next((k for k, shape in ours.items() if shape != theirs[k]), None)
     if wrong is not None:
-        raise TaskVectorError(f"{vector.path}: {wrong} has shape {tuple(vector.tensors[wrong].shape)}, the base "
-                              f"{base_path} {tuple(base_state[wrong].shape)}")
+        raise TaskVectorError(f"{vector.path}: {wrong} has shape {tuple(ours[wrong])}, the base "
+                              f"{base_path} {tuple(theirs[wrong])}")

@@ -96,5 +96,5 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, reference):
     assert "shape" in _error(tmp_path / "shape.pt")
 
     bare = tmp_path / "bare.bin"
-    torch.save(ckpt.state, bare)
+    torch.save(dict(ckpt.state), bare)
     assert "carries no model config" in _error(bare)

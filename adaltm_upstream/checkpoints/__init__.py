@@ -19,40 +19,53 @@ from pathlib import Path
 from adaltm_upstream.checkpoints.checkpoint import Checkpoint, CheckpointError
 from adaltm_upstream.checkpoints.formats import adaltm_states, hf, model_directory, s3prl_states, unilm, vox_profile
 from adaltm_upstream.checkpoints.keys import check_names
+from adaltm_upstream.checkpoints.lazy import is_mappable_pickle
 from adaltm_upstream.checkpoints.safe_load import torch_load
 from adaltm_upstream.checkpoints.validate import validate
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "torch_load"]
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Any supported WavLM checkpoint -> canonical fp32 backbone tensors + the matching transformers config."""
+def load_checkpoint(path: str | os.PathLike, check_values: bool = True) -> Checkpoint:
+    """Any supported WavLM checkpoint -> canonical backbone tensors + the matching transformers config.
+
+    The state is a `LazyState` over the memory-mapped file: each access reads one tensor as fp32 (legacy
+    non-zip pickles cannot be mapped and are read whole). `check_values=False` skips the up-front pass that
+    checks every value is finite; each access still checks its tensor."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
-        return validate(_read_directory(path))
+        return validate(_read_directory(path), check_values)
     if path.suffix == ".safetensors":
         if (path.parent / "config.json").is_file():
-            return validate(_read_directory(path.parent))
+            return validate(_read_directory(path.parent), check_values)
         raise CheckpointError(f"{path}: a safetensors file needs its config.json beside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
-    return validate(_read_pickle(path))
+    return validate(_read_pickle(path), check_values)
 
 
 def _read_directory(path: Path) -> Checkpoint:
-    meta, state = model_directory.read(path)
+    meta, state, mapped = model_directory.read(path)
     if meta.get("model_type") == "wavlm":
-        return hf.read(path, meta, state)
-    if any(k.startswith(vox_profile.PREFIX) for k in state):
-        return vox_profile.read(path, meta, state)
-    raise CheckpointError(f"{path}: unknown model directory (config.json has no model_type 'wavlm' and the "
-                          "weights have no backbone_model.* keys)")
+        ckpt = hf.read(path, meta, state)
+    elif any(k.startswith(vox_profile.PREFIX) for k in state):
+        return vox_profile.read(path, meta, state, mapped)
+    else:
+        raise CheckpointError(f"{path}: unknown model directory (config.json has no model_type 'wavlm' and the "
+                              "weights have no backbone_model.* keys)")
+    ckpt.mapped = mapped
+    return ckpt
 
 
 def _read_pickle(path: Path) -> Checkpoint:
-    data = torch_load(path)
+    ckpt = _read_pickle_content(path, torch_load(path, mmap=True))
+    ckpt.mapped = is_mappable_pickle(path)
+    return ckpt
+
+
+def _read_pickle_content(path: Path, data: object) -> Checkpoint:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: unknown checkpoint format (top level is {type(data).__name__})")
     if "cfg" in data and "model" in data:

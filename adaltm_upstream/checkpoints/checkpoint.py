@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +21,11 @@ class Checkpoint:
     format: str
     config: WavLMConfig
     normalize: bool               # per-utterance waveform normalisation (unilm cfg.normalize / HF do_normalize)
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]  # after `validate`: a `LazyState`, each tensor read when accessed
     dropped: list[str] = field(default_factory=list)   # source keys that are not backbone tensors (heads, ...)
+    mapped: bool = False  # the state's tensors are views of a read-only file mapping (their pages can be dropped)
+    notes: list[str] = field(default_factory=list)     # what a task vector's report must say about this source
+    frozen_backbone: str | None = None  # why the source's backbone was never trained (its task vector is zero)
 
     @property
     def num_layers(self) -> int:

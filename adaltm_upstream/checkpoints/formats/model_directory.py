@@ -21,8 +21,8 @@ def read_json(path: Path) -> object:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
-def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, the weights) of a model directory."""
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    """(config.json as a dict, the weights, whether they are memory-mapped) of a model directory."""
     config_file = path / "config.json"
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
     if not config_file.is_file() or weights is None:
@@ -31,6 +31,6 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_json(config_file)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
-    state = load_tensor_file(weights)
+    state, mapped = load_tensor_file(weights)
     check_names(state, str(weights))
-    return meta, state
+    return meta, state, mapped

@@ -23,7 +23,7 @@ def read(path: Path, data: dict) -> Checkpoint:
     canonical, dropped = map_unilm(inner)
     base_path = getattr(data.get("Args"), "upstream_ckpt", None)
     if base_path and os.path.isfile(base_path):
-        base = torch_load(base_path)
+        base = torch_load(base_path, mmap=True)  # only its cfg is needed
         if not (isinstance(base, dict) and "cfg" in base and "model" in base):
             raise CheckpointError(f"{base_path}: the run's -k base is not a unilm checkpoint")
         base = unilm.read(Path(base_path), base)
