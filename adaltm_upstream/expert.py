@@ -53,6 +53,8 @@ class AdaLTMUpstream(nn.Module):
         if vectors is None:
             vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
         self.tasks = config.tasks
+        for vector in vectors:
+            task_vectors.check_shapes(vector, config.base, base.state)
         # Base and vectors stream from their files straight into the merge's flat buffers; the backbone's
         # parameters are views of the base buffers. Peak: the buffers plus one tensor in flight.
         groups = partition(base.state, base.num_layers, base.config.do_stable_layer_norm,
@@ -66,7 +68,7 @@ class AdaLTMUpstream(nn.Module):
         )
         base_fingerprint = task_vectors.fingerprint(self.merge.base_views())
         for vector in vectors:
-            task_vectors.check_against_base(vector, base_fingerprint, config.base, base.state)
+            task_vectors.check_against_base(vector, base_fingerprint, config.base)
         self.fingerprint = upstream_fingerprint(base_fingerprint, [task_vectors.fingerprint(v.tensors)
                                                                    for v in vectors], config)
         self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,

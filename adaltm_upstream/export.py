@@ -68,7 +68,8 @@ def export(config_path: str, states_path: str | None, output: str | Path, fmt: s
     vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
     base_fingerprint = task_vectors.fingerprint(base.state)
     for vector in vectors:
-        task_vectors.check_against_base(vector, base_fingerprint, config.base, base.state)
+        task_vectors.check_against_base(vector, base_fingerprint, config.base)
+        task_vectors.check_shapes(vector, config.base, base.state)
     fingerprint = upstream_fingerprint(base_fingerprint, [task_vectors.fingerprint(v.tensors) for v in vectors],
                                        config)
     layout = partition(base.state, base.num_layers, base.config.do_stable_layer_norm, merge.encoder_norm_group)

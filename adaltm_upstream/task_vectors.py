@@ -210,17 +210,16 @@ def _cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: 
     return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
 
-def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str,
-                       base_state: Mapping[str, torch.Tensor]) -> None:
+def check_against_base(vector: TaskVector, base_fingerprint: str, base_path: str) -> None:
     if vector.base_fingerprint != base_fingerprint:
         raise TaskVectorError(f"{vector.path}: extracted from another base ({vector.meta['base']}), not from "
                               f"{base_path}: fingerprints differ")
-    _check_covers(vector, base_path, base_state)
 
 
-def _check_covers(vector: TaskVector, base_path: str, base_state: Mapping[str, torch.Tensor]) -> None:
+def check_shapes(vector: TaskVector, base_path: str, base_state: Mapping[str, torch.Tensor]) -> None:
     """τ holds every base tensor `extract` writes, each of the base's shape: merging reads a missing tensor as
-    τ = 0 and ignores one the base lacks, so a forged subset would silently merge as zero."""
+    τ = 0 and ignores one the base lacks, so a forged subset would silently merge as zero. Reads no tensor data,
+    so it runs before anything is loaded."""
     missing = sorted(set(base_state) - set(vector.tensors) - OPTIONAL)
     if missing:
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
@@ -234,4 +233,5 @@ def _check_covers(vector: TaskVector, base_path: str, base_state: Mapping[str, t
     wrong = next((k for k, shape in ours.items() if shape != theirs[k]), None)
     if wrong is not None:
         raise TaskVectorError(f"{vector.path}: {wrong} has shape {tuple(ours[wrong])}, the base "
-                              f"{base_path} {tuple(theirs[wrong])}")
+                              f"{base_path} {tuple(theirs[wrong])} (the vector names its base: "
+                              f"{vector.meta.get('base')})")
