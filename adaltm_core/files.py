@@ -53,7 +53,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it takes `path`'s place (whatever was there is
-    removed only after the new one is in place), on failure it is removed."""
+    removed only after the new one is in place), on failure it is removed. The directory gets the mode a plain
+    `mkdir` would give it (0755 under umask 022), not mkdtemp's private 0700."""
     import shutil
 
     path = Path(path)
@@ -61,6 +62,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=path.parent)) / path.name

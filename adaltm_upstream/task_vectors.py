@@ -133,10 +133,10 @@ class _Subset(Mapping):
         return len(self.keys_)
 
 
-def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Atomic: the file appears complete or not at all."""
+def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    """Atomic: the file appears complete or not at all. `tensors` may be a loaded vector's lazy mapping."""
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"adaltm": json.dumps(meta)})
+        save_file({name: tensors[name] for name in tensors}, tmp, metadata={"adaltm": json.dumps(meta)})
 
 
 def load(path: str | os.PathLike) -> TaskVector:

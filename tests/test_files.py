@@ -50,5 +50,9 @@ def test_checkpoint_task_vector_and_export_follow_the_umask(umask, tmp_path, mer
         "base": str(merge_setup["base"]), "task_vectors": {"asr": str(merge_setup["asr"])},
         "merge": {"granularity": "static", "init": 0.5}})
     cli.main(["export", "-g", str(config), "-o", str(tmp_path / "merged.pt"), "--format", "s3prl"])
-    for name in ("states-1.ckpt", "tau.safetensors", "merged.pt"):
+    cli.main(["export", "-g", str(config), "-o", str(tmp_path / "merged_hf"), "--format", "hf"])
+    for name in ("states-1.ckpt", "tau.safetensors", "merged.pt", "merged_hf/model.safetensors",
+                 "merged_hf/config.json"):
         assert mode(tmp_path / name) == expected, name
+    (tmp_path / "plain_dir").mkdir()
+    assert mode(tmp_path / "merged_hf") == mode(tmp_path / "plain_dir")  # not mkdtemp's private 0700
