@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import types
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,23 +242,30 @@ def _ddp_non_leader_step_counter() -> bool:
     return True
 
 
-def _hack_isinstance_once() -> bool:
-    """`run_downstream.main()` calls `hack_isinstance()`, which wraps the builtin `isinstance` once more on every
-    call; a process that launches several runs (the demo) would stack wrappers and slow every isinstance."""
+def _records_through_ddp() -> bool:
+    """s3prl's `main()` calls `hack_isinstance()`, which makes every defaultdict stop being a dict for the whole
+    process (and wraps `isinstance` once more per call). Its purpose: GPU DDP moves forward arguments to the
+    device and rebuilds each dict (`type(obj)(items)`), which fails for the runner's `records` defaultdict — and
+    would hand the downstream a copy, losing what it logs. The side effect broke sympy (`DomainMatrix` checks
+    for dicts), so `torch.compile` (inductor) failed inside the launcher. Here the hack is skipped and DDP's mover
+    alone hands defaultdict arguments over untouched."""
     from s3prl import run_downstream
+    from torch.nn.parallel import distributed
 
-    if getattr(run_downstream.hack_isinstance, "_adaltm_once", False):
+    if getattr(distributed._to_kwargs, "_adaltm_records", False):
         return False
-    hack = run_downstream.hack_isinstance
-    applied = []
+    move = distributed._to_kwargs
 
-    def once():
-        if not applied:
-            hack()
-            applied.append(True)
+    def to_kwargs(inputs, kwargs, target_device, use_side_stream_for_tensor_copies):
+        kept = {k: v for k, v in (kwargs or {}).items() if isinstance(v, defaultdict)}
+        rest = {k: v for k, v in (kwargs or {}).items() if k not in kept}
+        moved_inputs, moved_kwargs = move(inputs, rest, target_device, use_side_stream_for_tensor_copies)
+        moved_inputs, moved_kwargs = moved_inputs or ((),), moved_kwargs or ({},)
+        return moved_inputs, tuple({**moved, **kept} for moved in moved_kwargs)
 
-    once._adaltm_once = True
-    run_downstream.hack_isinstance = once
+    to_kwargs._adaltm_records = True
+    distributed._to_kwargs = to_kwargs
+    run_downstream.hack_isinstance = lambda: None
     return True
 
 
@@ -336,7 +344,7 @@ LATE_FIXES: tuple[Fix, ...] = (
     Fix("rotation after save", "max_keep never deletes the last checkpoint first", _rotation_after_save),
     Fix("DDP step counter", "ranks > 0 stop at total_steps", _ddp_non_leader_step_counter),
     Fix("DDP wrapper", "CPU modules and rank-0-only evaluation under DDP", _ddp_wrapper),
-    Fix("hack_isinstance once", "several runs in one process", _hack_isinstance_once),
+    Fix("records through DDP", "s3prl's process-wide isinstance hack (breaks torch.compile)", _records_through_ddp),
     Fix("cuda.set_device without CUDA", "CPU (gloo) DDP under torchrun", _set_device_without_cuda),
     Fix("package-directory caches", "voxceleb1/sv_voxceleb1 cache in the experiment", _downstream_caches_in_expdir),
 )

@@ -82,3 +82,23 @@ def test_launcher_logs_the_applied_fixes_at_debug_level(caplog, monkeypatch):
     with caplog.at_level(logging.DEBUG, logger="adaltm"):
         launcher.main(["-m", "train", "-u", "wavlm_local", "-d", "example"])
     assert any("compatibility fixes applied" in r.getMessage() for r in caplog.records)
+
+
+def test_records_pass_through_ddp_untouched_and_isinstance_stays_the_builtin():
+    """s3prl's isinstance hack is replaced by teaching DDP's argument mover to hand defaultdicts over as they are."""
+    from collections import defaultdict
+
+    from s3prl import run_downstream
+    from torch.distributed.utils import _to_kwargs as torch_mover
+    from torch.nn.parallel import distributed
+
+    compat.apply_all()
+    run_downstream.hack_isinstance()  # what s3prl's main() calls first
+    records = defaultdict(list)
+    records["loss"].append(1.0)
+    assert isinstance(records, dict)  # sympy, hence torch.compile's inductor, relies on it
+    x = torch.ones(2)
+    args, kwargs = distributed._to_kwargs((x,), {"records": records, "extra": {"a": x}}, torch.device("cpu"), False)
+    assert kwargs[0]["records"] is records and torch.equal(args[0][0], x) and torch.equal(kwargs[0]["extra"]["a"], x)
+    with pytest.raises(TypeError):  # torch's own mover rebuilds the dict, which a defaultdict cannot survive
+        torch_mover((x,), {"records": records}, torch.device("cpu"), False)
