@@ -48,7 +48,7 @@ class Size:
 # about ±4 UAR points, and the steps that fit about 15 minutes on 2 cores. QUICK: every stage runs, nothing is
 # meant to be learned.
 FULL = Size({"Train": 1200, "Development": 200, "Test1": 900}, {"Train": 300, "Development": 60, "Test1": 60},
-            pretrain_steps=600, finetune_steps=200, asr_steps=120, rows_steps=80, batch=16, grid="0:1:0.1")
+            pretrain_steps=600, finetune_steps=200, asr_steps=120, rows_steps=100, batch=16, grid="0:1:0.1")
 QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Development": 16, "Test1": 16},
              pretrain_steps=100, finetune_steps=30, asr_steps=30, rows_steps=12, batch=16, grid="0.2,0.6,1")
 
