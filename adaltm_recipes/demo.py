@@ -1,11 +1,13 @@
 """`adaltm demo`: the whole paper, end to end, on the espeak corpus and a tiny WavLM, on a laptop CPU.
 
-Stages (each skipped when its output exists, so a rerun resumes): corpora -> tiny "pretrained" base (random
-init, written as a real unilm checkpoint) -> fine-tune the in-domain ASR, out-of-domain ASR and SER models
-through the real launcher -> extract three task vectors with the real CLI -> every row of Table 1 through the
-real launcher (train, then evaluate `dev-best.ckpt` on Test1) -> results.md, results.json, lambdas.png.
-The launcher and the CLI run in this process (same code as the commands, without a Python start per stage);
-each stage's output goes to `logs/<stage>.log`.
+Stages (each skipped when its output exists, so a rerun resumes): corpora -> a pretrained base (6-layer WavLM,
+HuBERT-style masked prediction of k-means units on the corpus's training audio, `adaltm_recipes.pretrain`; an
+interrupted pretraining resumes from its own state) -> fine-tune the in-domain ASR, out-of-domain ASR and SER
+models through the real launcher -> extract three task vectors with the real CLI -> every row of Table 1 through
+the real launcher (train, then evaluate `dev-best.ckpt` on Test1) -> the other merging methods (TIES, DARE, task
+arithmetic by grid search, label-free AdaMerging) and HarmoniFuse's extended fusion -> results.md, results.json,
+lambdas.png. The launcher and the recipes run in this process (same code as the commands, without a Python start
+per stage); each stage's output goes to `logs/<stage>.log`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm import tqdm
 
@@ -34,16 +35,22 @@ UPSTREAM_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "upstrea
 class Size:
     corpus: dict[str, int]
     ood_corpus: dict[str, int]
+    pretrain_steps: int
     finetune_steps: int
     asr_steps: int
     rows_steps: int
     batch: int
+    grid: str                             # the λ values of the task-arithmetic grid (`adaltm grid-search --values`)
 
 
-FULL = Size({"Train": 600, "Development": 120, "Test1": 160}, {"Train": 300, "Development": 60, "Test1": 60},
-            finetune_steps=400, asr_steps=450, rows_steps=150, batch=16)
-QUICK = Size({"Train": 160, "Development": 48, "Test1": 64}, {"Train": 100, "Development": 24, "Test1": 24},
-             finetune_steps=60, asr_steps=60, rows_steps=24, batch=16)
+# FULL: the training and dev audio docs/demo_pretraining.md measured the base on (1,200 / 200 utterances; the
+# corpus draws splits in order, so a longer Test1 leaves them unchanged), 900 test utterances for 95 % intervals of
+# about ±4 UAR points, and the steps that fit about 15 minutes on 2 cores. QUICK: every stage runs, nothing is
+# meant to be learned.
+FULL = Size({"Train": 1200, "Development": 200, "Test1": 900}, {"Train": 300, "Development": 60, "Test1": 60},
+            pretrain_steps=600, finetune_steps=200, asr_steps=120, rows_steps=100, batch=16, grid="0:1:0.1")
+QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Development": 16, "Test1": 16},
+             pretrain_steps=100, finetune_steps=30, asr_steps=30, rows_steps=12, batch=16, grid="0.2,0.6,1")
 
 
 # The emotion head of every demo row: the paper's head with one hidden layer (the tiny model's pooled features
@@ -57,10 +64,11 @@ class Row:
     run: str                              # experiment directory under runs/; rows sharing one run share its result
     setup: str                            # configs/upstream/<setup>.yaml
     downstream: str = "msp_podcast_cat"
+    fusion: str = "paper"                 # harmonifuse only: `fusion.variant`
 
     @property
     def wer(self) -> bool:
-        return self.downstream != "msp_podcast_cat"
+        return self.downstream in ("msp_podcast_mtl", "harmonifuse")
 
 
 # Table 1, in the paper's order.
@@ -75,33 +83,21 @@ ROWS = (
     Row("Static global merging (λ = 0.5)", "dual_static", "dual_static"),
     Row("Adaptive global merging", "dual_global", "dual_global"),
     Row("Adaptive layer-wise merging (ours)", "dual_layerwise", "dual_layerwise"),
-    Row("HarmoniFuse (fine-tuned backbone)", "harmonifuse", "mtl_from_base", "harmonifuse"),
+    Row("HarmoniFuse (fine-tuned backbone, paper fusion)", "harmonifuse", "mtl_from_base", "harmonifuse"),
 )
+# Methods the paper does not compare (issues 15 and 16), below Table 1; task arithmetic is the grid-search stage.
+EXTRA_ROWS = (
+    Row("TIES-merging (top 20 %, static λ = 0.5)", "dual_ties", "dual_ties"),
+    Row("DARE (p = 0.5, static λ = 0.5)", "dual_dare", "dual_dare"),
+    Row("AdaMerging, label-free (tensorwise λ, SER model's frozen head)", "adamerging", "dual_adamerging",
+        "msp_podcast_adamerging"),
+    Row("HarmoniFuse (fine-tuned backbone, extended fusion: ours)", "harmonifuse_extended", "mtl_from_base",
+        "harmonifuse", fusion="extended"),
+)
+TASK_ARITHMETIC_RUN = "task_arithmetic"
 # Task-vector file name (as the Table-1 configs name them) -> the fine-tuning run it is extracted from.
 SOURCES = {"asr_in_domain": "finetune_asr_in_domain", "asr_out_of_domain": "finetune_asr_out_of_domain",
            "ser": "finetune_ser"}
-
-
-def _base_config() -> dict:
-    from transformers import WavLMConfig
-
-    return WavLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                       conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-                       feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                       num_conv_pos_embedding_groups=4, hidden_dropout=0.1, attention_dropout=0.1,
-                       activation_dropout=0.0, feat_proj_dropout=0.0, mask_time_prob=0.05)
-
-
-def write_tiny_base(path: Path, seed: int) -> Path:
-    """A randomly initialised tiny WavLM (transformers' initialisation), saved in microsoft/unilm format."""
-    from transformers import WavLMModel
-
-    from adaltm_upstream.export import write_unilm_checkpoint
-
-    torch.manual_seed(seed)
-    config = _base_config()
-    model = WavLMModel(config)
-    return write_unilm_checkpoint(path, config, True, model.state_dict())
 
 
 class Demo:
@@ -112,6 +108,7 @@ class Demo:
         self.corpus, self.ood = out / "corpus" / "MSP-Podcast", out / "corpus" / "ood-asr"
         self.base = out / "base_wavlm_tiny.pt"
         self.vectors = {name: out / "vectors" / f"{name}.safetensors" for name in SOURCES}
+        self.head = out / "runs" / SOURCES["ser"] / "dev-best.ckpt"   # the frozen head of grid search, AdaMerging
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _logged(self, stage: str, function, *args) -> None:
@@ -185,12 +182,20 @@ class Demo:
         for root, sizes, ood in ((self.corpus, self.size.corpus, False), (self.ood, self.size.ood_corpus, True)):
             if not (root / "Labels" / "labels_consensus.csv").exists():
                 make_corpus(root, sizes, seed=self.seed + ood, out_of_domain=ood)
+
+    def pretrain(self) -> None:
+        """The base: masked prediction of k-means units on the audio of the corpus's training split (labels and
+        transcripts unread). Skipped when the base exists; an interrupted run resumes from `pretrain/`."""
+        from adaltm_recipes.pretrain import PretrainSettings, pretrain, split_audio
+
         if not self.base.exists():
-            write_tiny_base(self.base, self.seed)
+            pretrain(split_audio(self.corpus, "Train"), self.base, self.out / "pretrain",
+                     PretrainSettings(steps=self.size.pretrain_steps, seed=self.seed))
 
     def finetune(self) -> None:
-        """The three fine-tuned models. A random tiny base has no useful CNN, so unlike s3prl's wavlm (whose CNN
-        stays frozen) the whole model is trained: adaltm_wavlm with no vectors and trainable weights."""
+        """The three fine-tuned models. The tiny base's CNN learned from a few minutes of pretraining, so unlike
+        s3prl's wavlm (whose CNN stays frozen) the whole model is trained: adaltm_wavlm with no vectors and
+        trainable weights (the task vectors then reach group 0, the CNN, as well)."""
         local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("mtl_from_base"))]
         asr = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
 
@@ -214,16 +219,32 @@ class Demo:
                 task_vectors.save(self.vectors[name], tensors, meta)
 
     def run_row(self, row: Row) -> None:
-        datarc = {"root": str(self.corpus), "require_transcript": row.downstream != "msp_podcast_cat"}
+        datarc = {"root": str(self.corpus), "require_transcript": row.wer}
         extra = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}} if row.wer else {}
-        extra.update(EMOTION_HEAD)
+        if row.downstream == "msp_podcast_adamerging":
+            # test-time adaptation: λ learn from Test1's audio (labels unread), the SER model's head stays frozen
+            datarc["splits"] = {"train": "Test1", "dev": "Development", "test": "Test1"}
+            extra["adamerging"] = {"head": str(self.head)}
+        else:
+            extra.update(EMOTION_HEAD)
         if row.downstream == "harmonifuse":
-            extra["fusion"] = {"prompt_dim": 32}
+            extra["fusion"] = {"variant": row.fusion, **({"prompt_dim": 32} if row.fusion == "extended" else {})}
         # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
         steps = self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
         config = self._config(row.run, row.downstream, steps, datarc, **extra)
         self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
                              row.downstream, config)
+
+    def task_arithmetic(self) -> dict:
+        """One global λ for both in-domain vectors, chosen on dev by loss with the SER model's frozen featurizer
+        and head (`adaltm grid-search`), then evaluated on Test1 at λ* only. Skipped when its grid.json exists."""
+        from adaltm_recipes.grid_search import grid_search, parse_values
+
+        out = self.out / "runs" / TASK_ARITHMETIC_RUN
+        if not (out / "grid.json").exists():
+            grid_search(self._upstream("dual_static"), self.head, parse_values(self.size.grid), out, split="dev",
+                        select="loss", test_split="test", device="cpu")
+        return json.loads((out / "grid.json").read_text())
 
     def lambdas_figure(self) -> Path:
         from adaltm_upstream.plotting import plot_lambdas
@@ -254,11 +275,12 @@ def _line(row: results.TableRow) -> str:
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0) -> list[dict]:
-    """Everything; returns the results rows. Resumable: finished stages are skipped."""
+    """Everything; returns the results rows (Table 1, then the other methods). Resumable: finished stages are
+    skipped."""
     started = time.time()
     logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
     demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
-    stages = 4 + len({row.run for row in ROWS})
+    stages = 6 + len({row.run for row in ROWS + EXTRA_ROWS})
     bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)
     done: set[str] = set()
 
@@ -269,32 +291,43 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
         bar.update(1)
         return result.get("value")
 
+    def rows_of(rows: tuple[Row, ...]) -> list[tuple[str, Path]]:
+        entries = []
+        for row in rows:
+            if row.run not in done:
+                step(row.run, demo.run_row, row)
+                done.add(row.run)
+            entries.append((row.name, demo.out / "runs" / row.run))
+        return entries
+
     step("corpora", demo.corpora)
+    step("pretrain", demo.pretrain)
     step("finetune", demo.finetune)
     step("extract", demo.extract)
-    entries = list(MODEL_ROWS)
-    for row in ROWS:
-        if row.run not in done:
-            step(row.run, demo.run_row, row)
-            done.add(row.run)
-        entries.append((row.name, row.run))
+    table1 = [(name, demo.out / "runs" / run) for name, run in MODEL_ROWS] + rows_of(ROWS)
+    extra = rows_of(EXTRA_ROWS)
+    grid = step(TASK_ARITHMETIC_RUN, demo.task_arithmetic)
+    extra.insert(0, (f"Task arithmetic (global λ* = {grid['best_lambda']:g}, chosen on dev, SER model's frozen head)",
+                     demo.out / "runs" / TASK_ARITHMETIC_RUN / "best"))
     step("lambdas", demo.lambdas_figure)
     bar.close()
 
-    runs = [results.load_run(demo.out / "runs" / run, "test", name) for name, run in entries]
     reference = results.load_run(demo.out / "runs" / REFERENCE_RUN, "test", "Adaptive layer-wise merging (ours)")
-    rows = results.table_rows(runs, reference)
-    for row in rows:
+    sections = [results.table_rows([results.load_run(path, "test", name) for name, path in entries], reference)
+                for entries in (table1, extra)]
+    for row in sections[0] + sections[1]:
         tqdm.write(_line(row), file=sys.stderr)
-    table = results.render(rows, "md") + "\n" + results.legend(reference, 1000, "utterance")
     minutes = (time.time() - started) / 60
-    header = (f"# AdaLTM demo ({'quick' if quick else 'full'}): Table 1 on the espeak corpus, tiny WavLM\n\n"
+    report = (f"# AdaLTM demo ({'quick' if quick else 'full'}): Table 1 on the espeak corpus, pretrained tiny WavLM\n\n"
               f"Test set: Test1 of the demo corpus; chance UAR = 12.5. Wall time of this invocation "
-              f"{minutes:.1f} min.\n\n")
-    (demo.out / "results.md").write_text(header + table + "\n\n![λ per layer](lambdas.png)\n")
-    rows_json = [_json_row(row) for row in rows]
+              f"{minutes:.1f} min.\n\n## Table 1\n\n" + results.render(sections[0], "md") +
+              "\n## Other merging methods (not in the paper's Table 1)\n\n" + results.render(sections[1], "md") +
+              "\n" + results.legend(reference, 1000, "utterance") +
+              f" Task arithmetic's dev curve: runs/{TASK_ARITHMETIC_RUN}/grid.png.\n\n![λ per layer](lambdas.png)\n")
+    (demo.out / "results.md").write_text(report)
+    rows_json = [_json_row(row) for row in sections[0] + sections[1]]
     (demo.out / "results.json").write_text(json.dumps(rows_json, indent=1) + "\n")
-    print(table)
-    print(f"adaltm demo: {len(rows)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
+    print(report)
+    print(f"adaltm demo: {len(rows_json)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
           f"{demo.out / 'results.json'}, {demo.out / 'lambdas.png'}")
     return rows_json

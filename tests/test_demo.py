@@ -9,8 +9,10 @@ import subprocess
 import sys
 from collections import Counter
 
+from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
 from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
+from adaltm_upstream.expert import read_lambdas
 from tests.conftest import ROOT, launcher_env
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
@@ -66,9 +68,15 @@ def test_quick_demo_end_to_end(tmp_path):
                      "Setup 1: Baseline (frozen backbone)", "Setup 2: ASR-only vector", "Setup 3: SER-only vector",
                      "Setup 4: Dual-vector (proposed)", "Out-of-domain dual vectors",
                      "Static global merging (λ = 0.5)", "Adaptive global merging",
-                     "Adaptive layer-wise merging (ours)", "HarmoniFuse (fine-tuned backbone)"]
+                     "Adaptive layer-wise merging (ours)", "HarmoniFuse (fine-tuned backbone, paper fusion)",
+                     "TIES-merging (top 20 %, static λ = 0.5)", "DARE (p = 0.5, static λ = 0.5)",
+                     "AdaMerging, label-free (tensorwise λ, SER model's frozen head)",
+                     "HarmoniFuse (fine-tuned backbone, extended fusion: ours)"]
     for expected in expected_rows:
         assert expected in names
+    grid = json.loads((out / "runs" / "task_arithmetic" / "grid.json").read_text())
+    best = min(grid["points"], key=lambda p: p["loss"])["lambda"]            # λ* = the lowest dev loss
+    assert f"Task arithmetic (global λ* = {best:g}, chosen on dev, SER model's frozen head)" in names
     for row in rows:
         assert set(row) == {"name", "uar", "precision", "macro_f1", "ci95", "wer"}
         if row["uar"] is not None:
@@ -76,7 +84,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert next(r for r in rows if r["name"] == "MTL (fully trainable)")["wer"] is not None
     table = (out / "results.md").read_text()
     assert "| Setup 4: Dual-vector (proposed) (reference) |" in table and "| Setup 2: ASR-only vector |" in table
+    assert table.index("| Setup 2: ASR-only vector |") < table.index("## Other merging methods") < table.index("| DARE")
     assert (out / "lambdas.png").read_bytes()[:4] == b"\x89PNG"
+    base = torch_load(out / "base_wavlm_tiny.pt")
+    assert base["adaltm_pretraining"]["objective"].startswith("masked prediction")       # pretrained, not random
+    tasks, lambdas = read_lambdas(torch_load(out / "runs" / "dual_layerwise" / "dev-best.ckpt")["Upstream"])
+    assert lambdas.shape == (base["cfg"]["encoder_layers"] + 1, 2)     # every layer group, CNN included, learned
     assert "rows in" in done.stdout
 
     again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],
