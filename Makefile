@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaltm-installed
 # gcc: pesq (asteroid, in the superb extra) is built from its source distribution.
 SYSTEM_PACKAGES := espeak-ng sox gcc
+# vox-profile's own model class, for the tests that write checkpoints with it; its metadata pins
+# transformers < 5, which its WavLM wrapper does not need, so it is installed without its dependencies.
 VOX_PROFILE := hyperion-voxprofile==0.1.0
 
 .PHONY: setup system-packages test lint demo superb-test clean
@@ -16,8 +18,6 @@ setup: system-packages $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,superb]'
-	# vox-profile's own model class, for the tests that write checkpoints with it; its metadata pins
-	# transformers < 5, which its WavLM wrapper does not need, so its dependencies are ours (already installed).
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(VOX_PROFILE)
 	@touch $@
 
