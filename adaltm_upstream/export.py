@@ -29,7 +29,7 @@ from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.config import load as load_config
 from adaltm_upstream.expert import check_states, upstream_fingerprint
 from adaltm_upstream.groups import partition
-from adaltm_upstream.merging import GroupedMerge, row_names
+from adaltm_upstream.merging import GroupedMerge, row_names, row_slices
 
 FORMATS = ("hf", "s3prl")
 
@@ -125,18 +125,14 @@ def _merged_groups(base: Checkpoint, vectors: list[task_vectors.TaskVector], gro
             yield _finite({name: trained.state[name] for name in names}, states_path)
         return
     merge, tensorwise = config.merge, config.merge.granularity == "tensorwise"
-    row = 0
-    for names in groups:
+    for names, rows in zip(groups, row_slices(groups, merge.granularity)):
         if not names:
-            row += 0 if tensorwise else 1
             continue
-        count = len(names) if tensorwise else 1
         part = GroupedMerge(base.state, [v.tensors for v in vectors], [names], init=[0.0] * len(vectors),
                             granularity="tensorwise" if tensorwise else "static",
                             vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype], tasks=config.tasks,
                             ops=merge.vector_ops)
-        part.set_lambdas(lambdas[row:row + count])
-        row += count
+        part.set_lambdas(lambdas[rows])
         with torch.no_grad():
             merged = part()
         del part  # its buffers go before the next group's are allocated

@@ -17,6 +17,7 @@ normalisation across tasks) on every merge.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ def row_names(groups: list[list[str]], granularity: Granularity) -> list[str]:
     return [f"group_{g}" for g in range(len(groups))]
 
 
+def row_slices(groups: list[list[str]], granularity: Granularity) -> list[slice]:
+    """Each layer group's λ rows: its tensors' consecutive rows (tensorwise), else its one row."""
+    if granularity != "tensorwise":
+        return [slice(g, g + 1) for g in range(len(groups))]
+    ends = itertools.accumulate(len(names) for names in groups)
+    return [slice(end - len(names), end) for names, end in zip(groups, ends)]
+
+
 class GroupedMerge(nn.Module):
     def __init__(self, base: Mapping[str, torch.Tensor], vectors: list[Mapping[str, torch.Tensor]],
                  groups: list[list[str]], init: list[float], granularity: Granularity,
@@ -104,8 +113,8 @@ class GroupedMerge(nn.Module):
 
         # λ rows: one per group, or one per tensor (tensorwise); `row_group` maps a row to its group.
         self.row_names = row_names(groups, granularity)
-        self.row_group = ([g for g, names in enumerate(groups) for _ in names] if granularity == "tensorwise"
-                          else list(range(self.num_groups)))
+        self.row_slices = row_slices(groups, granularity)
+        self.row_group = [g for g, rows in enumerate(self.row_slices) for _ in range(rows.start, rows.stop)]
         initial = torch.tensor(init, dtype=torch.float32).expand(len(self.row_group), self.num_tasks).clone()
         self.frozen_groups = frozenset(frozen_groups) if granularity in ("layerwise", "tensorwise") else frozenset()
         self.trainable_rows = [r for r, g in enumerate(self.row_group) if g not in self.frozen_groups]
@@ -202,13 +211,10 @@ class GroupedMerge(nn.Module):
                 return self._cache[1]
         lambdas = self.effective_lambdas()
         merged: dict[str, torch.Tensor] = {}
-        row = 0
         for g, slots in enumerate(self.layout):
             if not slots:
                 continue
-            rows = len(slots) if self.granularity == "tensorwise" else 1
-            lam = lambdas[row:row + rows] if self.granularity == "tensorwise" else lambdas[g]
-            row += rows
+            lam = lambdas[self.row_slices[g]] if self.granularity == "tensorwise" else lambdas[g]
             lam = lam.detach() if g in self.frozen_groups else lam
             if self.granularity == "tensorwise" and self.num_tasks:
                 merged.update(self.merge_tensors(g, lam))
