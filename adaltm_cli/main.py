@@ -94,7 +94,7 @@ def _make_demo_corpus(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from adaltm_recipes.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results/demo")
     demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--jobs", type=positive_int, default=None,
+                      help="one-thread worker processes for the fine-tunings and rows (default: the CPUs, at most 4)")
     demo.set_defaults(run=_demo)
 
     grid = commands.add_parser("grid-search", help="task arithmetic: one global λ chosen on the dev set")

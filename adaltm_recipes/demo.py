@@ -6,8 +6,13 @@ interrupted pretraining resumes from its own state) -> fine-tune the in-domain A
 models through the real launcher -> extract three task vectors with the real CLI -> every row of Table 1 through
 the real launcher (train, then evaluate `dev-best.ckpt` on Test1) -> the other merging methods (TIES, DARE, task
 arithmetic by grid search, label-free AdaMerging) and HarmoniFuse's extended fusion -> results.md, results.json,
-lambdas.png. The launcher and the recipes run in this process (same code as the commands, without a Python start
-per stage); each stage's output goes to `logs/<stage>.log`.
+lambdas.png. The launcher and the recipes run in Python, not as commands (same code, without a Python start per
+stage); each stage's output goes to `logs/<stage>.log`.
+
+After pretraining, the fine-tunings and the rows are independent jobs (a row needs the task vectors, so the
+fine-tunings first); `jobs` worker processes of one thread each run them. Small models use two threads poorly:
+on 2 cores, two one-thread jobs side by side finish 1.3x sooner than the same jobs one after another on two
+threads. One thread per job also keeps each job's arithmetic the same whatever the machine's core count.
 """
 
 from __future__ import annotations
@@ -15,11 +20,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -45,8 +56,8 @@ class Size:
 
 # FULL: the training and dev audio docs/demo_pretraining.md measured the base on (1,200 / 200 utterances; the
 # corpus draws splits in order, so a longer Test1 leaves them unchanged), 900 test utterances for 95 % intervals of
-# about ±4 UAR points, and the steps that fit about 15 minutes on 2 cores. QUICK: every stage runs, nothing is
-# meant to be learned.
+# about ±4 UAR points, and the steps that fit in 15 minutes on 2 cores (13 measured). QUICK: every stage runs,
+# nothing is meant to be learned.
 FULL = Size({"Train": 1200, "Development": 200, "Test1": 900}, {"Train": 300, "Development": 60, "Test1": 60},
             pretrain_steps=600, finetune_steps=200, asr_steps=120, rows_steps=100, batch=16, grid="0:1:0.1")
 QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Development": 16, "Test1": 16},
@@ -56,6 +67,8 @@ QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Deve
 # The emotion head of every demo row: the paper's head with one hidden layer (the tiny model's pooled features
 # are weak, a purely linear head learns them too slowly for a few-minute demo).
 EMOTION_HEAD = {"emotion": {"projector_dim": 128, "hidden_dim": 128}}
+# The ASR head of the fine-tuned ASR models and of the rows that also report WER.
+ASR_HEAD = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -111,12 +124,13 @@ class Demo:
         self.head = out / "runs" / SOURCES["ser"] / "dev-best.ckpt"   # the frozen head of grid search, AdaMerging
 
     # -- plumbing ------------------------------------------------------------------------------------------
-    def _logged(self, stage: str, function, *args) -> None:
-        """Run one stage with its output in logs/<stage>.log; on failure, say where to look."""
+    def logged(self, stage: str, function: Callable, *args) -> object:
+        """Run one stage with its output in logs/<stage>.log and return its result; on failure, say where to
+        look."""
         log = self.out / "logs" / f"{stage}.log"
         with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
             try:
-                function(*args)
+                return function(*args)
             except SystemExit as exit_:
                 if exit_.code not in (0, None):
                     raise UserError(f"{log}: stage {stage} failed (exit {exit_.code})") from None
@@ -192,23 +206,24 @@ class Demo:
             pretrain(split_audio(self.corpus, "Train"), self.base, self.out / "pretrain",
                      PretrainSettings(steps=self.size.pretrain_steps, seed=self.seed))
 
-    def finetune(self) -> None:
-        """The three fine-tuned models. The tiny base's CNN learned from a few minutes of pretraining, so unlike
-        s3prl's wavlm (whose CNN stays frozen) the whole model is trained: adaltm_wavlm with no vectors and
-        trainable weights (the task vectors then reach group 0, the CNN, as well)."""
-        local = ["-u", "adaltm_wavlm", "-g", str(self._upstream("mtl_from_base"))]
-        asr = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
-
-        def train(name: str, downstream: str, steps: int, datarc: dict, test_root: Path | None = None, **sections):
-            run = SOURCES[name]
-            config = self._config(run, downstream, steps, datarc, **sections)
-            self._train_and_test(run, local, downstream, config, test_root=test_root)
-
-        train("asr_in_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.corpus)}, **asr)
-        train("asr_out_of_domain", "msp_podcast_asr", self.size.asr_steps, {"root": str(self.ood)},
-              test_root=self.corpus, **asr)
-        train("ser", "msp_podcast_cat", self.size.finetune_steps,
-              {"root": str(self.corpus), "require_transcript": False}, **EMOTION_HEAD)
+    def finetune(self, name: str) -> None:
+        """One of the three fine-tuned models (`name`: a key of SOURCES). The tiny base's CNN learned from a few
+        minutes of pretraining, so unlike s3prl's wavlm (whose CNN stays frozen) the whole model is trained:
+        adaltm_wavlm with no vectors and trainable weights (the task vectors then reach group 0, the CNN, as
+        well)."""
+        steps = self.finetune_steps(name)
+        if name == "ser":
+            downstream, sections = "msp_podcast_cat", EMOTION_HEAD
+            datarc, test_root = {"root": str(self.corpus), "require_transcript": False}, None
+        else:
+            # the out-of-domain model trains on the other corpus and is tested, like every row, on this one's Test1
+            downstream, sections = "msp_podcast_asr", ASR_HEAD
+            in_domain = name == "asr_in_domain"
+            datarc = {"root": str(self.corpus if in_domain else self.ood)}
+            test_root = None if in_domain else self.corpus
+        config = self._config(SOURCES[name], downstream, steps, datarc, **sections)
+        self._train_and_test(SOURCES[name], ["-u", "adaltm_wavlm", "-g", str(self._upstream("mtl_from_base"))],
+                             downstream, config, test_root=test_root)
 
     def extract(self) -> None:
         from adaltm_upstream import task_vectors
@@ -218,9 +233,19 @@ class Demo:
                 tensors, meta = task_vectors.extract(self.base, self.out / "runs" / run / "dev-best.ckpt")
                 task_vectors.save(self.vectors[name], tensors, meta)
 
+    def finetune_steps(self, name: str) -> int:
+        return self.size.finetune_steps if name == "ser" else self.size.asr_steps
+
+    def row_steps(self, row: Row) -> int:
+        # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
+        return self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
+
+    def uses_vectors(self, row: Row) -> bool:
+        return bool(yaml.safe_load((UPSTREAM_CONFIGS / f"{row.setup}.yaml").read_text()).get("task_vectors"))
+
     def run_row(self, row: Row) -> None:
         datarc = {"root": str(self.corpus), "require_transcript": row.wer}
-        extra = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}} if row.wer else {}
+        extra = dict(ASR_HEAD) if row.wer else {}
         if row.downstream == "msp_podcast_adamerging":
             # test-time adaptation: λ learn from Test1's audio (labels unread), the SER model's head stays frozen
             datarc["splits"] = {"train": "Test1", "dev": "Development", "test": "Test1"}
@@ -229,9 +254,7 @@ class Demo:
             extra.update(EMOTION_HEAD)
         if row.downstream == "harmonifuse":
             extra["fusion"] = {"variant": row.fusion, **({"prompt_dim": 32} if row.fusion == "extended" else {})}
-        # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
-        steps = self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
-        config = self._config(row.run, row.downstream, steps, datarc, **extra)
+        config = self._config(row.run, row.downstream, self.row_steps(row), datarc, **extra)
         self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
                              row.downstream, config)
 
@@ -274,44 +297,123 @@ def _line(row: results.TableRow) -> str:
     return f"  {row.name}: {cells}"
 
 
-def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0) -> list[dict]:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)
+    logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off the first job's log
+
+
+def _job(demo: Demo, label: str, method: str, args: tuple) -> object:
+    return demo.logged(label, getattr(demo, method), *args)
+
+
+class _Jobs:
+    """Runs a demo's jobs in `workers` one-thread processes (spawned: a fork would inherit torch's threads), or
+    here, one after another on one thread, when `workers` is 1; `finished()` hands back one finished job's label
+    and result. On an error or Ctrl-C the workers are stopped, not waited for."""
+
+    def __init__(self, demo: Demo, workers: int, bar: tqdm):
+        self.demo, self.bar = demo, bar
+        self.running: dict[Future, str] = {}
+        self.others = set(multiprocessing.active_children())   # children that are not ours to stop
+        self.pool = (ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _one_thread_worker)
+                     if workers > 1 else None)
+        self.threads = torch.get_num_threads()
+        if self.pool is None:
+            torch.set_num_threads(1)  # as in a worker: a job's numbers do not depend on `workers`
+
+    @property
+    def pending(self) -> int:
+        return len(self.running)
+
+    def submit(self, label: str, method: str, *args) -> None:
+        if self.pool is not None:
+            self.running[self.pool.submit(_job, self.demo, label, method, args)] = label
+            return
+        future: Future = Future()
+        try:
+            future.set_result(_job(self.demo, label, method, args))
+        except UserError as error:
+            future.set_exception(error)
+        self.running[future] = label
+
+    def finished(self) -> tuple[str, object]:
+        future = next(iter(wait(self.running, return_when=FIRST_COMPLETED).done))
+        label = self.running.pop(future)
+        try:
+            value = future.result()
+        except BrokenProcessPool:
+            raise UserError(f"{self.demo.out / 'logs'}: a worker process of the demo died (killed, or out of "
+                            f"memory? fewer --jobs use less); stage {label} did not finish") from None
+        self.bar.set_postfix_str(f"{label} done")
+        self.bar.update(1)
+        return label, value
+
+    def __enter__(self) -> _Jobs:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        torch.set_num_threads(self.threads)
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=error is None, cancel_futures=True)
+        for worker in set(multiprocessing.active_children()) - self.others:
+            worker.terminate()
+            worker.join()
+
+
+def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0,
+             jobs: int | None = None) -> list[dict]:
     """Everything; returns the results rows (Table 1, then the other methods). Resumable: finished stages are
-    skipped."""
+    skipped. `jobs`: worker processes after pretraining (default: the usable CPUs, at most 4)."""
     started = time.time()
+    jobs = jobs or min(4, usable_cpus())
     logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
     demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
-    stages = 6 + len({row.run for row in ROWS + EXTRA_ROWS})
-    bar = tqdm(total=stages, desc="adaltm demo", unit="stage", file=sys.stderr, dynamic_ncols=True)
-    done: set[str] = set()
+    runs = {row.run: row for row in ROWS + EXTRA_ROWS}
+    bar = tqdm(total=len(SOURCES) + len(runs) + 5, desc="adaltm demo", unit="stage", file=sys.stderr,
+               dynamic_ncols=True)
 
-    def step(label: str, function, *args):
+    def step(label: str, function: Callable, *args) -> object:
         bar.set_postfix_str(label)
-        result = {}
-        demo._logged(label, lambda: result.setdefault("value", function(*args)))
+        value = demo.logged(label, function, *args)
         bar.update(1)
-        return result.get("value")
-
-    def rows_of(rows: tuple[Row, ...]) -> list[tuple[str, Path]]:
-        entries = []
-        for row in rows:
-            if row.run not in done:
-                step(row.run, demo.run_row, row)
-                done.add(row.run)
-            entries.append((row.name, demo.out / "runs" / row.run))
-        return entries
+        return value
 
     step("corpora", demo.corpora)
     step("pretrain", demo.pretrain)
-    step("finetune", demo.finetune)
-    step("extract", demo.extract)
-    table1 = [(name, demo.out / "runs" / run) for name, run in MODEL_ROWS] + rows_of(ROWS)
-    extra = rows_of(EXTRA_ROWS)
-    grid = step(TASK_ARITHMETIC_RUN, demo.task_arithmetic)
-    extra.insert(0, (f"Task arithmetic (global λ* = {grid['best_lambda']:g}, chosen on dev, SER model's frozen head)",
-                     demo.out / "runs" / TASK_ARITHMETIC_RUN / "best"))
+    # rows without task vectors need only the base: they fill the workers while the fine-tunings run; the longest
+    # jobs start first so that no worker is left with one long job at the end
+    without_vectors = [row for row in runs.values() if not demo.uses_vectors(row)]
+    with_vectors = [row for row in runs.values() if demo.uses_vectors(row)]
+    with _Jobs(demo, jobs, bar) as pool:
+        for name in sorted(SOURCES, key=lambda name: -demo.finetune_steps(name)):
+            pool.submit(SOURCES[name], "finetune", name)
+        for row in sorted(without_vectors, key=lambda row: -demo.row_steps(row)):
+            pool.submit(row.run, "run_row", row)
+        finetuning = set(SOURCES.values())
+        while finetuning:
+            finetuning.discard(pool.finished()[0])
+        step("extract", demo.extract)
+        for row in sorted(with_vectors, key=lambda row: -demo.row_steps(row)):
+            pool.submit(row.run, "run_row", row)
+        pool.submit(TASK_ARITHMETIC_RUN, "task_arithmetic")
+        while pool.pending:
+            label, value = pool.finished()
+            if label == TASK_ARITHMETIC_RUN:
+                grid = value
     step("lambdas", demo.lambdas_figure)
     bar.close()
 
+    table1 = [(name, demo.out / "runs" / run) for name, run in MODEL_ROWS]
+    table1 += [(row.name, demo.out / "runs" / row.run) for row in ROWS]
+    extra = [(f"Task arithmetic (global λ* = {grid['best_lambda']:g}, chosen on dev, SER model's frozen head)",
+              demo.out / "runs" / TASK_ARITHMETIC_RUN / "best")]
+    extra += [(row.name, demo.out / "runs" / row.run) for row in EXTRA_ROWS]
     reference = results.load_run(demo.out / "runs" / REFERENCE_RUN, "test", "Adaptive layer-wise merging (ours)")
     sections = [results.table_rows([results.load_run(path, "test", name) for name, path in entries], reference)
                 for entries in (table1, extra)]
@@ -320,7 +422,8 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
     minutes = (time.time() - started) / 60
     report = (f"# AdaLTM demo ({'quick' if quick else 'full'}): Table 1 on the espeak corpus, pretrained tiny WavLM\n\n"
               f"Test set: Test1 of the demo corpus; chance UAR = 12.5. Wall time of this invocation "
-              f"{minutes:.1f} min.\n\n## Table 1\n\n" + results.render(sections[0], "md") +
+              f"{minutes:.1f} min ({jobs} job{'s' if jobs > 1 else ''}).\n\n## Table 1\n\n" +
+              results.render(sections[0], "md") +
               "\n## Other merging methods (not in the paper's Table 1)\n\n" + results.render(sections[1], "md") +
               "\n" + results.legend(reference, 1000, "utterance") +
               f" Task arithmetic's dev curve: runs/{TASK_ARITHMETIC_RUN}/grid.png.\n\n![λ per layer](lambdas.png)\n")

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
+import pytest
+from tqdm import tqdm
+
+from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
+from adaltm_recipes.demo import _Jobs
 from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
 from adaltm_upstream.expert import read_lambdas
 from tests.conftest import ROOT, launcher_env
@@ -95,3 +105,50 @@ def test_quick_demo_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],
                            cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=200)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
+
+
+class _Stages:
+    """Stands in for `Demo` in the job runner: a worker calls `logged(label, method, *args)`."""
+    out = Path("demo")
+
+    def logged(self, label, function, *args):
+        return function(*args)
+
+    def square(self, x):
+        return x * x
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+    def fail(self, message):
+        raise UserError(message)
+
+    def die(self):
+        os._exit(9)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_demo_jobs_hand_back_every_result(workers):
+    bar = tqdm(total=5, file=io.StringIO())
+    with _Jobs(_Stages(), workers, bar) as jobs:
+        for x in range(5):
+            jobs.submit(f"s{x}", "square", x)
+        got = dict(jobs.finished() for _ in range(5))
+        assert jobs.pending == 0
+    assert got == {f"s{x}": x * x for x in range(5)} and bar.n == 5
+    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), workers, bar) as jobs:
+        jobs.submit("bad", "fail", "runs/x: broken")
+        jobs.finished()
+
+
+def test_demo_jobs_stop_the_workers_on_the_first_error():
+    started = time.monotonic()
+    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
+        jobs.submit("slow", "sleep", 120)
+        jobs.submit("bad", "fail", "runs/x: broken")
+        jobs.finished()
+    assert time.monotonic() - started < 60 and not multiprocessing.active_children()   # the sleeper was not awaited
+    with pytest.raises(UserError, match=r"demo/logs: a worker process of the demo died .*stage gone did not finish"), \
+            _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
+        jobs.submit("gone", "die")
+        jobs.finished()
