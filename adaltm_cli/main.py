@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("adaltm: interrupted (what finished is kept; rerun `adaltm demo` or `adaltm superb` to skip it)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

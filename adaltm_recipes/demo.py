@@ -360,10 +360,10 @@ class _Jobs:
         torch.set_num_threads(self.threads)
         if self.pool is None:
             return
-        self.pool.shutdown(wait=error is None, cancel_futures=True)
-        for worker in set(multiprocessing.active_children()) - self.others:
-            worker.terminate()
-            worker.join()
+        if error is not None:   # the pool then finds its workers dead, fails what is left and reaps them
+            for worker in set(multiprocessing.active_children()) - self.others:
+                worker.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0,

@@ -142,13 +142,32 @@ def test_demo_jobs_hand_back_every_result(workers):
 
 
 def test_demo_jobs_stop_the_workers_on_the_first_error():
-    started = time.monotonic()
+    others, started = set(multiprocessing.active_children()), time.monotonic()   # earlier tests' children
     with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
         jobs.submit("slow", "sleep", 120)
         jobs.submit("bad", "fail", "runs/x: broken")
         jobs.finished()
-    assert time.monotonic() - started < 60 and not multiprocessing.active_children()   # the sleeper was not awaited
+    assert time.monotonic() - started < 60                                 # the sleeper was stopped, not awaited
+    assert set(multiprocessing.active_children()) <= others
     with pytest.raises(UserError, match=r"demo/logs: a worker process of the demo died .*stage gone did not finish"), \
             _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
         jobs.submit("gone", "die")
         jobs.finished()
+
+
+def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys):
+    from adaltm_cli.main import main
+    from adaltm_recipes import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--jobs", "0", "--out", str(tmp_path / "d")])
+    assert exit_.value.code == 2 and "--jobs" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.count("\n") == 1 and "interrupted" in err and "rerun" in err
