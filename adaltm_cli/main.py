@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole paper end to end on the demo corpus and a tiny WavLM")
     demo.add_argument("--out", default="results/demo")
-    demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 3 minutes)")
+    demo.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 2 minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--jobs", type=positive_int, default=None,
                       help="one-thread worker processes for the fine-tunings and rows (default: the CPUs, at most 4)")
