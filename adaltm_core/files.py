@@ -41,6 +41,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
             os.remove(tmp)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`Path.write_text` through `atomic_path`, in UTF-8: a report or result file is whole or absent."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` through `atomic_path`: an interrupted save never leaves a truncated checkpoint where a good one
     was."""

@@ -35,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from adaltm_core.errors import UserError
+from adaltm_core.files import atomic_write_text
 from adaltm_downstream.common import results
 from adaltm_s3prl.registration import packaged_config
 
@@ -165,7 +166,7 @@ class Demo:
         for section, values in sections.items():
             expert.setdefault(section, {}).update(values)
         path = self.out / "configs" / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(packaged, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(packaged, sort_keys=False))
         return path
 
     def _upstream(self, setup: str) -> Path:
@@ -176,7 +177,7 @@ class Demo:
         config["task_vectors"] = {task: str(self.vectors[Path(path).stem])
                                   for task, path in (config.get("task_vectors") or {}).items()}
         path = self.out / "configs" / f"upstream_{setup}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
         return path
 
     def _train_and_test(self, run: str, upstream: list[str], downstream: str, config: Path,
@@ -427,9 +428,9 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
               "\n## Other merging methods (not in the paper's Table 1)\n\n" + results.render(sections[1], "md") +
               "\n" + results.legend(reference, 1000, "utterance") +
               f" Task arithmetic's dev curve: runs/{TASK_ARITHMETIC_RUN}/grid.png.\n\n![λ per layer](lambdas.png)\n")
-    (demo.out / "results.md").write_text(report)
+    atomic_write_text(demo.out / "results.md", report)
     rows_json = [_json_row(row) for row in sections[0] + sections[1]]
-    (demo.out / "results.json").write_text(json.dumps(rows_json, indent=1) + "\n")
+    atomic_write_text(demo.out / "results.json", json.dumps(rows_json, indent=1) + "\n")
     print(report)
     print(f"adaltm demo: {len(rows_json)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
           f"{demo.out / 'results.json'}, {demo.out / 'lambdas.png'}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from adaltm_core.errors import UserError
-from adaltm_core.files import atomic_path, atomic_torch_save
+from adaltm_core.files import atomic_path, atomic_torch_save, atomic_write_text
 from adaltm_core.safe_load import torch_load
 from adaltm_upstream.config import load as load_config
 from adaltm_upstream.config import read_yaml
@@ -64,8 +64,7 @@ def head_states(head: str | Path, out: Path) -> tuple[dict, Path, Path]:
     if not isinstance(states, dict) or not isinstance(states.get("Downstream"), dict) or "Args" not in states:
         raise UserError(f"{head}: not the states of a finished run (EXPDIR/dev-best.ckpt of an emotion run)")
     config_path = out / "head_config.yaml"
-    with atomic_path(config_path) as tmp:
-        Path(tmp).write_text(yaml.safe_dump(states["Config"], sort_keys=False))
+    atomic_write_text(config_path, yaml.safe_dump(states["Config"], sort_keys=False))
     init = out / "head_states.ckpt"
     atomic_torch_save({k: states[k] for k in ("Downstream", "Featurizer", "Args", "Config") if k in states}, init)
     return vars(states["Args"]), config_path, init
@@ -89,7 +88,7 @@ def evaluate_at(value: float, config_path: str | Path, args: dict, head_config: 
                 expdir: Path, device: str | None) -> dict:
     expdir.mkdir(parents=True, exist_ok=True)
     upstream_config = expdir / "upstream.yaml"
-    upstream_config.write_text(yaml.safe_dump(static_config(config_path, value), sort_keys=False))
+    atomic_write_text(upstream_config, yaml.safe_dump(static_config(config_path, value), sort_keys=False))
     argv = ["-m", "evaluate", "-t", split, "-u", "adaltm_wavlm", "-g", str(upstream_config),
             "-d", args["downstream"], "-c", str(head_config), "-i", str(init), "-p", str(expdir),
             "-s", args.get("upstream_feature_selection") or "hidden_states"]
@@ -126,8 +125,7 @@ def grid_search(config: str | Path, head: str | Path, values: list[float], out: 
     if test_split:
         result["test"] = _point(best["lambda"], evaluate_at(best["lambda"], config, args, head_config, init,
                                                             test_split, out / "best", device))
-    with atomic_path(out / "grid.json") as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "grid.json", json.dumps(result, indent=1))
     plot_curve(result, out / "grid.png")
     return result
 

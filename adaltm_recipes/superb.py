@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from adaltm_core.errors import UserError
-from adaltm_core.files import atomic_path
+from adaltm_core.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def librispeech_buckets(libri_root: Path, splits: list[str], out: Path) -> None:
         rows = sorted(((soundfile.info(str(p)).frames, p.relative_to(libri_root).as_posix())
                        for p in folder.rglob("*.flac")), reverse=True)
         lines = [",file_path,length,label"] + [f"{i},{path},{frames}," for i, (frames, path) in enumerate(rows)]
-        _write_text(out / f"{split}.csv", "\n".join(lines) + "\n")
+        atomic_write_text(out / f"{split}.csv", "\n".join(lines) + "\n")
 
 
 def plan_all(tasks: list[str], repo: str | Path, data: list[str], overrides: list[str], out: Path) -> list[Plan]:
@@ -212,11 +212,6 @@ def _states(expdir: Path) -> list[Path]:
     return sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 class Runs:
     """Runs the launcher for each plan, one process per stage, output in OUT/<task>/<stage>.log."""
 
@@ -249,7 +244,7 @@ class Runs:
             return
         shutil.rmtree(plan.expdir, ignore_errors=True)  # an interrupted training starts over
         config = plan.directory / "config.yaml"
-        _write_text(config, yaml.safe_dump(plan.config, sort_keys=False))
+        atomic_write_text(config, yaml.safe_dump(plan.config, sort_keys=False))
         self._launch(plan, "train", ["-m", "train", *self.upstream, "-d", plan.task.name, "-c", str(config),
                                      "-p", str(plan.expdir)], plan.directory / "train_scalars.jsonl")
 
@@ -302,15 +297,15 @@ def run_superb(tasks: list[str], repo: str | Path, data: list[str], out: str | P
     for plan in pending:
         runs.train(plan)
         result = runs.evaluate(plan)
-        _write_text(plan.directory / "result.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(plan.directory / "result.json", json.dumps(result, indent=1) + "\n")
         results[plan.task.name] = result
         tqdm.write(f"  {plan.task.name}: {result['metric']} {result['value']:.2f} on {result['split']}",
                    file=sys.stderr)
     bar.close()
     ordered = [results[p.task.name] for p in plans]
     upstream_text = " ".join(upstream)
-    _write_text(out / "superb.md", f"# SUPERB tasks with `{upstream_text}`\n\n{results_table(ordered)}\n")
-    _write_text(out / "superb.json", json.dumps({"upstream": upstream, "results": ordered}, indent=1) + "\n")
+    atomic_write_text(out / "superb.md", f"# SUPERB tasks with `{upstream_text}`\n\n{results_table(ordered)}\n")
+    atomic_write_text(out / "superb.json", json.dumps({"upstream": upstream, "results": ordered}, indent=1) + "\n")
     print(results_table(ordered))
     print(f"adaltm superb: {len(ordered)} tasks -> {out / 'superb.md'}, {out / 'superb.json'}")
     return ordered

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaltm_cli import main as cli
-from adaltm_core.files import current_umask
+from adaltm_core.files import atomic_write_text, current_umask
 from adaltm_s3prl import compat
 from adaltm_upstream import task_vectors
 from tests.conftest import write_yaml
@@ -56,3 +56,13 @@ def test_checkpoint_task_vector_and_export_follow_the_umask(umask, tmp_path, mer
         assert mode(tmp_path / name) == expected, name
     (tmp_path / "plain_dir").mkdir()
     assert mode(tmp_path / "merged_hf") == mode(tmp_path / "plain_dir")  # not mkdtemp's private 0700
+
+
+def test_text_reports_follow_the_umask_and_replace_in_one_step(umask, tmp_path):
+    expected = plain_open_mode(tmp_path)
+    report = tmp_path / "results" / "results.md"
+    atomic_write_text(report, "old\n")
+    atomic_write_text(report, "λ* = 0.3\n")
+    assert report.read_text(encoding="utf-8") == "λ* = 0.3\n"
+    assert mode(report) == expected
+    assert [p.name for p in report.parent.iterdir()] == ["results.md"]  # no temporary file left beside it

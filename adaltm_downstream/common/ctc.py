@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaltm_core.files import atomic_write_text
 from adaltm_downstream.common import reports
 
 BLANK = "<blank>"
@@ -49,7 +50,7 @@ class Vocabulary:
         if path.is_file():
             return cls(json.loads(path.read_text())["symbols"])
         vocabulary = cls.from_texts(texts)
-        reports.write_atomic(path, json.dumps({"symbols": vocabulary.symbols, "normalisation": __doc__.strip()}))
+        atomic_write_text(path, json.dumps({"symbols": vocabulary.symbols, "normalisation": __doc__.strip()}))
         return vocabulary
 
     def __len__(self) -> int:

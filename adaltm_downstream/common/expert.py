@@ -16,6 +16,7 @@ from torch import nn
 
 from adaltm_core import settings
 from adaltm_core.audio import load_mono_16k
+from adaltm_core.files import atomic_write_text
 from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.data import DataSettings, make_loader, shape_waveform, waveform_statistics
@@ -82,7 +83,7 @@ class CorpusExpert(nn.Module):
         """`-m inference -t FILE`: prints and writes `inference.tsv` in the experiment directory."""
         lines = self.describe(*pad_features(features))
         text = "".join(f"{name}\t{line}\n" for name, line in zip(filenames, lines))
-        (self.expdir / "inference.tsv").write_text(text)
+        atomic_write_text(self.expdir / "inference.tsv", text)
         print(text, end="")
         return lines
 

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaltm_core.files import atomic_path
+from adaltm_core.files import atomic_write_text
 from adaltm_downstream.common.corpus import CLASS_NAMES
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def write_predictions(path: Path, files: list[str], labels: list[int], probabilities: np.ndarray,
@@ -22,16 +17,16 @@ def write_predictions(path: Path, files: list[str], labels: list[int], probabili
     header = "\t".join(["file", "label", "pred"] + [f"p_{k}" for k in range(probabilities.shape[1])] + ["speaker"])
     rows = [header] + ["\t".join([f, str(int(y)), str(int(p.argmax()))] + [f"{v:.6f}" for v in p] + [s])
                        for f, y, p, s in zip(files, labels, probabilities, speakers)]
-    write_atomic(path, "\n".join(rows) + "\n")
+    atomic_write_text(path, "\n".join(rows) + "\n")
 
 
 def write_transcripts(path: Path, files: list[str], references: list[str], hypotheses: list[str]) -> None:
     rows = ["file\tref\thyp"] + [f"{f}\t{r}\t{h}" for f, r, h in zip(files, references, hypotheses)]
-    write_atomic(path, "\n".join(rows) + "\n")
+    atomic_write_text(path, "\n".join(rows) + "\n")
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    write_atomic(path, json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(metrics, indent=1) + "\n")
 
 
 def plot_confusion(path: Path, confusion: list[list[int]], title: str) -> None:
