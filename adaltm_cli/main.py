@@ -156,6 +156,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
+    parser.set_defaults(resumable=False)   # `demo` and `superb` skip what finished when rerun
     commands = parser.add_subparsers(dest="command", required=True)
 
     tv = commands.add_parser("task-vector", help="extract or inspect task vectors")
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--jobs", type=positive_int, default=None,
                       help="one-thread worker processes for the fine-tunings and rows (default: the CPUs, at most 4)")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, resumable=True)
 
     grid = commands.add_parser("grid-search", help="task arithmetic: one global λ chosen on the dev set")
     grid.add_argument("-g", "--config", required=True, help="adaltm_wavlm config (-g): base, task vectors, vector_ops")
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     superb.add_argument("--override", action="extend", nargs="+", default=[], metavar="[TASK:]KEY=VALUE",
                         help="change a config value (YAML), for one task or all, e.g. runner.total_steps=1000")
     superb.add_argument("--out", default="results/superb", help="OUT/<task>/ runs, OUT/superb.md, OUT/superb.json")
-    superb.set_defaults(run=_superb)
+    superb.set_defaults(run=_superb, resumable=True)
     return parser
 
 
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("adaltm: interrupted (what finished is kept; rerun `adaltm demo` or `adaltm superb` to skip it)",
-              file=sys.stderr)
+        resume = f" (finished stages are kept: rerun `adaltm {args.command}` to go on)" if args.resumable else ""
+        print(f"adaltm: interrupted{resume}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -22,9 +22,11 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -312,10 +314,25 @@ def _job(demo: Demo, label: str, method: str, args: tuple) -> object:
     return demo.logged(label, getattr(demo, method), *args)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Workers spawned inside inherit an ignored SIGINT (Python keeps it so): a Ctrl-C then reaches only us, and we
+    stop them, instead of every worker, mid-import or idle, printing its own traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Jobs:
     """Runs a demo's jobs in `workers` one-thread processes (spawned: a fork would inherit torch's threads), or
     here, one after another on one thread, when `workers` is 1; `finished()` hands back one finished job's label
-    and result. On an error or Ctrl-C the workers are stopped, not waited for."""
+    and result. A job's error ends the demo (at once when `workers` is 1); on an error or Ctrl-C the workers are
+    stopped, not waited for."""
 
     def __init__(self, demo: Demo, workers: int, bar: tqdm):
         self.demo, self.bar = demo, bar
@@ -332,27 +349,33 @@ class _Jobs:
         return len(self.running)
 
     def submit(self, label: str, method: str, *args) -> None:
-        if self.pool is not None:
-            self.running[self.pool.submit(_job, self.demo, label, method, args)] = label
-            return
-        future: Future = Future()
-        try:
+        if self.pool is None:
+            self.bar.set_postfix_str(label)
+            future: Future = Future()
             future.set_result(_job(self.demo, label, method, args))
-        except UserError as error:
-            future.set_exception(error)
-        self.running[future] = label
+            self.running[future] = label
+            return
+        try:
+            with _sigint_ignored():   # the pool spawns its workers on submit
+                self.running[self.pool.submit(_job, self.demo, label, method, args)] = label
+        except BrokenProcessPool:
+            raise self._died([*self.running.values(), label]) from None
 
     def finished(self) -> tuple[str, object]:
         future = next(iter(wait(self.running, return_when=FIRST_COMPLETED).done))
-        label = self.running.pop(future)
         try:
             value = future.result()
         except BrokenProcessPool:
-            raise UserError(f"{self.demo.out / 'logs'}: a worker process of the demo died (killed, or out of "
-                            f"memory? fewer --jobs use less); stage {label} did not finish") from None
+            raise self._died(list(self.running.values())) from None
+        label = self.running.pop(future)
         self.bar.set_postfix_str(f"{label} done")
         self.bar.update(1)
         return label, value
+
+    def _died(self, unfinished: list[str]) -> UserError:
+        # the pool fails every job it had at once: which worker died, running which of them, it does not say
+        return UserError(f"{self.demo.out / 'logs'}: a worker process of the demo died (killed, or out of memory? "
+                         f"fewer --jobs use less); unfinished: {', '.join(unfinished)}")
 
     def __enter__(self) -> _Jobs:
         return self

@@ -8,10 +8,13 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,57 @@ def test_demo_jobs_hand_back_every_result(workers):
         jobs.finished()
 
 
+def test_one_worker_stops_at_the_first_failing_job():
+    ran = []
+    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 1, tqdm(disable=True)) as jobs:
+        jobs.submit("bad", "fail", "runs/x: broken")
+        ran.append("the next job")
+    assert ran == []
+
+
+def _live_group_members(group: int) -> list[int]:
+    """Processes of a process group that are still running (zombies, already dead, excepted)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and os.getpgid(int(entry.name)) == group
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                members.append(int(entry.name))
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return members
+
+
+def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
+    """Ctrl-C signals the whole process group: workers still importing torch must not print tracebacks."""
+    script = textwrap.dedent("""
+        import sys
+        from tqdm import tqdm
+        from adaltm_recipes.demo import _Jobs
+        from tests.test_demo import _Stages
+        try:
+            with _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
+                jobs.submit("a", "sleep", 120)
+                jobs.submit("b", "sleep", 120)
+                print("submitted", flush=True)
+                jobs.finished()
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline() == "submitted\n"
+    time.sleep(1)                                       # the workers are starting: the window that printed most
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err == "interrupted\n"
+    deadline = time.monotonic() + 10                    # multiprocessing's resource tracker goes on its own
+    while _live_group_members(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _live_group_members(child.pid) == []         # no worker outlived the demo
+
+
 def test_demo_jobs_stop_the_workers_on_the_first_error():
     others, started = set(multiprocessing.active_children()), time.monotonic()   # earlier tests' children
     with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
@@ -149,15 +203,20 @@ def test_demo_jobs_stop_the_workers_on_the_first_error():
         jobs.finished()
     assert time.monotonic() - started < 60                                 # the sleeper was stopped, not awaited
     assert set(multiprocessing.active_children()) <= others
-    with pytest.raises(UserError, match=r"demo/logs: a worker process of the demo died .*stage gone did not finish"), \
+    with pytest.raises(UserError, match=r"demo/logs: a worker process of the demo died .*unfinished: gone$"), \
             _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
         jobs.submit("gone", "die")
         jobs.finished()
+    with pytest.raises(UserError, match=r"worker process of the demo died .*unfinished: gone, next$"), \
+            _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
+        jobs.submit("gone", "die")
+        wait(jobs.running)                              # the pool has found its worker dead
+        jobs.submit("next", "square", 2)
 
 
 def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys):
     from adaltm_cli.main import main
-    from adaltm_recipes import demo
+    from adaltm_recipes import demo, demo_corpus
 
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--jobs", "0", "--out", str(tmp_path / "d")])
@@ -170,4 +229,9 @@ def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, mon
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 130 and err.count("\n") == 1 and "interrupted" in err and "rerun" in err
+    assert exit_.value.code == 130 and err == ("adaltm: interrupted (finished stages are kept: rerun `adaltm demo` to "
+                                              "go on)\n")
+    monkeypatch.setattr(demo_corpus, "make_corpus", interrupted)   # a command that does not resume says only that
+    with pytest.raises(SystemExit) as exit_:
+        main(["make-demo-corpus", str(tmp_path / "c")])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "adaltm: interrupted\n"
