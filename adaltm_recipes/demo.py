@@ -408,30 +408,30 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
         bar.update(1)
         return value
 
-    step("corpora", demo.corpora)
-    step("pretrain", demo.pretrain)
-    # rows without task vectors need only the base: they fill the workers while the fine-tunings run; the longest
-    # jobs start first so that no worker is left with one long job at the end
-    without_vectors = [row for row in runs.values() if not demo.uses_vectors(row)]
-    with_vectors = [row for row in runs.values() if demo.uses_vectors(row)]
-    with _Jobs(demo, jobs, bar) as pool:
-        for name in sorted(SOURCES, key=lambda name: -demo.finetune_steps(name)):
-            pool.submit(SOURCES[name], "finetune", name)
-        for row in sorted(without_vectors, key=lambda row: -demo.row_steps(row)):
-            pool.submit(row.run, "run_row", row)
-        finetuning = set(SOURCES.values())
-        while finetuning:
-            finetuning.discard(pool.finished()[0])
-        step("extract", demo.extract)
-        for row in sorted(with_vectors, key=lambda row: -demo.row_steps(row)):
-            pool.submit(row.run, "run_row", row)
-        pool.submit(TASK_ARITHMETIC_RUN, "task_arithmetic")
-        while pool.pending:
-            label, value = pool.finished()
-            if label == TASK_ARITHMETIC_RUN:
-                grid = value
-    step("lambdas", demo.lambdas_figure)
-    bar.close()
+    with bar:   # closed on an error too: the error's line then starts a line of its own
+        step("corpora", demo.corpora)
+        step("pretrain", demo.pretrain)
+        # rows without task vectors need only the base: they fill the workers while the fine-tunings run; the longest
+        # jobs start first so that no worker is left with one long job at the end
+        without_vectors = [row for row in runs.values() if not demo.uses_vectors(row)]
+        with_vectors = [row for row in runs.values() if demo.uses_vectors(row)]
+        with _Jobs(demo, jobs, bar) as pool:
+            for name in sorted(SOURCES, key=lambda name: -demo.finetune_steps(name)):
+                pool.submit(SOURCES[name], "finetune", name)
+            for row in sorted(without_vectors, key=lambda row: -demo.row_steps(row)):
+                pool.submit(row.run, "run_row", row)
+            finetuning = set(SOURCES.values())
+            while finetuning:
+                finetuning.discard(pool.finished()[0])
+            step("extract", demo.extract)
+            for row in sorted(with_vectors, key=lambda row: -demo.row_steps(row)):
+                pool.submit(row.run, "run_row", row)
+            pool.submit(TASK_ARITHMETIC_RUN, "task_arithmetic")
+            while pool.pending:
+                label, value = pool.finished()
+                if label == TASK_ARITHMETIC_RUN:
+                    grid = value
+        step("lambdas", demo.lambdas_figure)
 
     table1 = [(name, demo.out / "runs" / run) for name, run in MODEL_ROWS]
     table1 += [(row.name, demo.out / "runs" / row.run) for row in ROWS]
