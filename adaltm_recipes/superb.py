@@ -294,14 +294,14 @@ def run_superb(tasks: list[str], repo: str | Path, data: list[str], out: str | P
             pending.append(plan)
     bar = tqdm(total=2 * len(pending), desc="adaltm superb", unit="stage", file=sys.stderr, dynamic_ncols=True)
     runs = Runs(upstream, package_dir, bar)
-    for plan in pending:
-        runs.train(plan)
-        result = runs.evaluate(plan)
-        atomic_write_text(plan.directory / "result.json", json.dumps(result, indent=1) + "\n")
-        results[plan.task.name] = result
-        tqdm.write(f"  {plan.task.name}: {result['metric']} {result['value']:.2f} on {result['split']}",
-                   file=sys.stderr)
-    bar.close()
+    with bar:   # closed on an error or Ctrl-C too, as in the demo: the one-line message starts a line of its own
+        for plan in pending:
+            runs.train(plan)
+            result = runs.evaluate(plan)
+            atomic_write_text(plan.directory / "result.json", json.dumps(result, indent=1) + "\n")
+            results[plan.task.name] = result
+            tqdm.write(f"  {plan.task.name}: {result['metric']} {result['value']:.2f} on {result['split']}",
+                       file=sys.stderr)
     ordered = [results[p.task.name] for p in plans]
     upstream_text = " ".join(upstream)
     atomic_write_text(out / "superb.md", f"# SUPERB tasks with `{upstream_text}`\n\n{results_table(ordered)}\n")
