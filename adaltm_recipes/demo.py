@@ -67,9 +67,10 @@ QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Deve
              pretrain_steps=100, finetune_steps=30, asr_steps=30, rows_steps=12, batch=16, grid="0.2,0.6,1")
 
 
-# The emotion head of every demo row: the paper's head with one hidden layer (the tiny model's pooled features
-# are weak, a purely linear head learns them too slowly for a few-minute demo).
-EMOTION_HEAD = {"emotion": {"projector_dim": 128, "hidden_dim": 128}}
+# The emotion head of every demo row: the paper's (linear) head. With the learning rates of _config it learns a
+# frozen base in 100 steps: the baseline's test UAR is 30-32 over five head seeds; with a hidden layer of 128, lr
+# 2e-3 and no decay it was 21-23 (two seeds), while a logistic regression on the same features reaches 47.
+EMOTION_HEAD = {"emotion": {"projector_dim": 128}}
 # The ASR head of the fine-tuned ASR models and of the rows that also report WER.
 ASR_HEAD = {"asr": {"projector_dim": 128, "lstm_layers": 0, "dropout": 0.0}}
 
@@ -155,8 +156,10 @@ class Demo:
         packaged = yaml.safe_load(packaged_config(downstream).read_text())
         packaged["runner"].update(total_steps=steps, eval_step=max(1, steps // 3), save_step=max(1, steps // 3),
                                   log_step=max(1, steps // 6), max_keep=1)
-        packaged["optimizer"] = {"name": "DifferentialAdamW", "lr": 2e-3, "upstream_lr": 1e-3, "lambda_lr": 2e-2,
+        # heads at 1e-2; every learning rate (heads, upstream, λ) decays linearly to 0: what a 100-step head needs
+        packaged["optimizer"] = {"name": "DifferentialAdamW", "lr": 1e-2, "upstream_lr": 1e-3, "lambda_lr": 2e-2,
                                  "weight_decay": 0.01}
+        packaged["scheduler"] = {"name": "linear_schedule_with_warmup", "num_warmup_steps": 0}
         expert = packaged["downstream_expert"]
         # bucket_window 0 for emotion: in this corpus the speaking rate is part of the emotion, so length-sorted
         # batches would be single-class batches; ASR alone buckets as usual
