@@ -49,11 +49,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` through `atomic_path`: an interrupted save never leaves a truncated checkpoint where a good one
-    was."""
+    was. Saved through a file object, so the archive inside is named `archive` rather than after the random
+    temporary file: the same object gives the same bytes."""
     import torch
 
-    with atomic_path(path, suffix=".ckpt") as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaltm_cli import main as cli
-from adaltm_core.files import atomic_write_text, current_umask
+from adaltm_core.files import atomic_torch_save, atomic_write_text, current_umask
 from adaltm_s3prl import compat
 from adaltm_upstream import task_vectors
 from tests.conftest import write_yaml
@@ -66,3 +66,13 @@ def test_text_reports_follow_the_umask_and_replace_in_one_step(umask, tmp_path):
     assert report.read_text(encoding="utf-8") == "λ* = 0.3\n"
     assert mode(report) == expected
     assert [p.name for p in report.parent.iterdir()] == ["results.md"]  # no temporary file left beside it
+
+
+def test_the_same_checkpoint_saved_twice_has_the_same_bytes(tmp_path):
+    """A pretrained base or a run's states saved by two runs can be compared with `cmp`: the temporary file's
+    random name must not reach the archive."""
+    obj = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3}
+    atomic_torch_save(obj, tmp_path / "a" / "base.pt")
+    atomic_torch_save(obj, tmp_path / "b" / "base.pt")
+    assert (tmp_path / "a" / "base.pt").read_bytes() == (tmp_path / "b" / "base.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a" / "base.pt", weights_only=True)["model"]["w"], obj["model"]["w"])
