@@ -1,0 +1,46 @@
+"""What the methods share around their math: one name's tensors across tasks as a dense fp32 stack, the streamed
+passes' type, a fixed thread count for numerics whose result depends on it, and the nearest orthogonal matrix."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+Values = Sequence[torch.Tensor | None]
+# A new pass over the whole model: (canonical tensor name, one tensor per task; None where a task lacks it).
+Stream = Callable[[], Iterable[tuple[str, Values]]]
+
+
+def stack(values: Values) -> torch.Tensor:
+    """(tasks × ...) fp32; a task without the tensor counts as zero, as in the merge."""
+    present = next((v for v in values if v is not None), None)
+    if present is None:
+        raise ValueError("no task has this tensor")
+    return torch.stack([v.detach().float() if v is not None else torch.zeros(present.shape) for v in values])
+
+
+def unstack(shares: torch.Tensor, values: Values) -> list[torch.Tensor]:
+    """Per-task shares in the dtype of the input (the first present one's for a task that had none)."""
+    dtype = next(v.dtype for v in values if v is not None)
+    return [share.to(value.dtype if value is not None else dtype) for share, value in zip(shares, values)]
+
+
+@contextlib.contextmanager
+def fixed_threads(count: int = 1) -> Iterator[None]:
+    """MKL's SVD (and some reductions) give different bits on different thread counts (measured: a 1024×4096 SVD
+    on 1 vs 2 threads). Training, every DDP rank and `export` must compute the same shares, whatever thread
+    count their process runs with, so thread-sensitive method math runs on a fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
+    """P Qᵀ from matrix = P Σ Qᵀ: the orthogonal factor of its polar decomposition (TSV-Merge's decorrelation)."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
