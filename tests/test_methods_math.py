@@ -151,6 +151,22 @@ def test_stitch_divides_overlapping_entries_by_the_number_of_tasks_active():
     assert a.tolist() == [0.0, 0.0, -4.0] and b.tolist() == [0.0, -3.0, 0.0]
 
 
+def test_localize_and_stitch_equals_the_references_whole_vector_computation():
+    """MergeBench's dataless path on the concatenated vectors: topk(|τ|, ⌊s·d⌋).values.min() as threshold, masks
+    >= it, each task's masked τ times the reciprocal of the overlap count."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"w": (6, 5), "b": (5,), "g": (1, 1, 4), "v": (3, 2, 4)}
+    model = {n: [torch.randn(s, generator=generator) for _ in range(3)] for n, s in shapes.items()}
+    flat = torch.stack([torch.cat([model[n][t].reshape(-1) for n in shapes]) for t in range(3)])
+    k = int(0.3 * flat.shape[1])
+    masks = flat.abs() >= flat.abs().topk(k, dim=1).values.min(dim=1, keepdim=True).values
+    count = masks.sum(0).float()
+    expected = (masks * flat * torch.where(count > 0, 1 / count, 0.0)).sum(0)
+    found = localize_stitch.thresholds(streamed(model), 0.3, 3)
+    ours = torch.cat([total(localize_stitch.shares(model[n], found)).reshape(-1) for n in shapes])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
 def test_stitch_of_three_tasks_uses_the_float32_reciprocal_of_the_count():
     values = [T([0.7]), T([0.7]), T([0.7])]
     expected = T([0.7]) * T([3.0]).reciprocal()  # 0.7 · fl(1/3), one rounding away from 0.7 / 3
