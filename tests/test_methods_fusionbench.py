@@ -28,7 +28,7 @@ def task_vectors(num_tasks: int, seed: int = 0) -> list[dict[str, torch.Tensor]]
 
 
 def stream_of(vectors):
-    return lambda: ((name, [v[name] for v in vectors]) for name in SHAPES)
+    return [(name, [v[name] for v in vectors]) for name in SHAPES]
 
 
 def summed(share_fn, vectors) -> dict[str, torch.Tensor]:

@@ -14,16 +14,15 @@ from adaltm_upstream.methods import emr, iso, localize_stitch, selection, tensor
 T = torch.tensor
 
 
-def streamed(model: dict[str, list[torch.Tensor | None]]):
-    """A re-startable stream over a {name: per-task tensors} model that counts its passes."""
-    passes = []
+class streamed:
+    """A {name: per-task tensors} model as a stream that counts its passes."""
 
-    def stream():
-        passes.append(1)
-        return iter(model.items())
+    def __init__(self, model: dict[str, list[torch.Tensor | None]]):
+        self.model, self.passes = model, 0
 
-    stream.passes = passes
-    return stream
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.model.items())
 
 
 def total(shares: list[torch.Tensor]) -> torch.Tensor:
@@ -39,7 +38,7 @@ def test_kth_largest_magnitude_over_a_stream_of_tensors_by_hand():
              "c": [T([4.0]), T([0.0])]}
     stream = streamed(model)
     assert selection.kth_largest_magnitudes(stream, lambda d: 2, 2) == [4.0, 0.25]
-    assert len(stream.passes) == 2
+    assert stream.passes == 2
     assert selection.kth_largest_magnitudes(stream, lambda d: 3, 2) == [3.0, 0.25]  # ties count one by one
     assert selection.kth_largest_magnitudes(stream, lambda d: d, 2) == [0.5, 0.0]
     assert selection.kth_largest_magnitudes(stream, lambda d: None, 2) is None
@@ -272,10 +271,11 @@ def test_ties_model_keeps_negative_values_where_no_sign_could_be_elected():
 
 # -- shared ----------------------------------------------------------------------------------------------------
 
-def test_a_task_without_the_tensor_counts_as_zero_and_gets_a_share_in_the_others_dtype():
+def test_a_task_without_the_tensor_counts_as_zero_and_gets_no_share():
     shares = tsv.shares([T([2.0, 4.0]).to(torch.bfloat16), None])
-    assert shares[0].tolist() == [1.0, 2.0] and shares[1].tolist() == [0.0, 0.0]
-    assert shares[1].dtype == torch.bfloat16
+    assert shares[0].tolist() == [1.0, 2.0] and shares[0].dtype == torch.bfloat16 and shares[1] is None
+    ser, asr = emr.shares([T([2.0, -1.0]), None], target=0, rescaler=1.0)
+    assert ser.tolist() == [2.0, -1.0] and asr is None  # alone, the target always agrees with the elected sign
     with pytest.raises(ValueError, match="no task"):
         tensors.stack([None, None])
 

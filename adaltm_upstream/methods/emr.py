@@ -56,7 +56,7 @@ def rescalers(stream: Stream, num_tasks: int) -> list[float]:
     """γ_t for every task, in float32 (what multiplies the fp32 shares), from one pass over the model."""
     before: list[list[float]] = [[] for _ in range(num_tasks)]
     after: list[list[float]] = [[] for _ in range(num_tasks)]
-    for _, values in stream():
+    for _, values in stream:
         stacked = stack(values)
         elected = elect(stacked)
         flat = stacked.reshape(num_tasks, -1)

@@ -58,7 +58,7 @@ def kth_largest_magnitudes(stream: Stream, rank: Callable[[int], int | None],
     task lacks counts as zeros); None where rank(d) is None (no threshold: everything is kept)."""
     high = torch.zeros(num_tasks, HIGH_BINS, dtype=torch.int64)
     numel = 0
-    for _, values in stream():
+    for _, values in stream:
         keys = _task_keys(values)
         numel += keys.shape[1]
         for t in range(num_tasks):
@@ -70,7 +70,7 @@ def kth_largest_magnitudes(stream: Stream, rank: Callable[[int], int | None],
         raise ValueError(f"rank {wanted} outside 1..{numel}")
     found = [locate(high[t], wanted) for t in range(num_tasks)]
     low = torch.zeros(num_tasks, LOW_BINS, dtype=torch.int64)
-    for _, values in stream():
+    for _, values in stream:
         keys = _task_keys(values)
         for t, (bin_, _) in enumerate(found):
             low[t] += low_histogram(keys[t], bin_)

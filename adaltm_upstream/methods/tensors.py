@@ -4,13 +4,14 @@ passes' type, a fixed thread count for numerics whose result depends on it, and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 Values = Sequence[torch.Tensor | None]
-# A new pass over the whole model: (canonical tensor name, one tensor per task; None where a task lacks it).
-Stream = Callable[[], Iterable[tuple[str, Values]]]
+# The whole model as (canonical tensor name, one tensor per task; None where a task lacks it), one name at a time;
+# iterable any number of times (each iteration is one pass).
+Stream = Iterable[tuple[str, Values]]
 
 
 def stack(values: Values) -> torch.Tensor:
@@ -21,10 +22,10 @@ def stack(values: Values) -> torch.Tensor:
     return torch.stack([v.detach().float() if v is not None else torch.zeros(present.shape) for v in values])
 
 
-def unstack(shares: torch.Tensor, values: Values) -> list[torch.Tensor]:
-    """Per-task shares in the dtype of the input (the first present one's for a task that had none)."""
-    dtype = next(v.dtype for v in values if v is not None)
-    return [share.to(value.dtype if value is not None else dtype) for share, value in zip(shares, values)]
+def unstack(shares: torch.Tensor, values: Values) -> list[torch.Tensor | None]:
+    """Per-task shares in each input's dtype; None where the input was None. Only the optional 1-D
+    `masked_spec_embed` can be missing from a vector, and every method's share of a zero 1-D τ is zero."""
+    return [share.to(value.dtype) if value is not None else None for share, value in zip(shares, values)]
 
 
 @contextlib.contextmanager

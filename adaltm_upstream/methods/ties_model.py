@@ -59,7 +59,7 @@ def statistics(stream: Stream, top_k: float, num_tasks: int) -> Statistics:
     """Two passes find the trim thresholds, a third counts the elected signs."""
     thresholds = kth_largest_magnitudes(stream, lambda numel: threshold_rank(numel, top_k), num_tasks)
     total = 0
-    for _, values in stream():
+    for _, values in stream:
         total += int(trimmed(values, thresholds).sum(0).sign().sum(dtype=torch.int64))
     return Statistics(thresholds, float((total > 0) - (total < 0)))
 
