@@ -233,6 +233,7 @@ def test_iso_cts_subspace_sizes_follow_fusionbench_arithmetic():
     assert iso.subspace_sizes(1024, 2, 0.8) == (820, 102)  # ⌊819.2⌋ = 819; round(205/2) = 102 -> c = 1024 - 204
     assert iso.subspace_sizes(4, 2, 0.5) == (2, 1)
     assert iso.subspace_sizes(5, 2, 0.8) == (5, 0)  # round(0.5) = 0 (Python rounds half to even)
+    assert iso.subspace_sizes(3, 2, 0.3) == (0, 1)  # 3 - round(1.5)·2 = -1 in FusionBench
 
 
 # -- TIES over the whole model ---------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ is σ̄ U⊥[:, t] V⊥[t]ᵀ plus 1/T of the common block σ̄ U⊥[:, c] V⊥[
 Rule for 1-D tensors and every tensor that is not a matrix (biases, norms, the CNN's 3-D kernels, the positional
 convolution's weight-norm g and v): the mean of the tasks, as in FusionBench, so each share is τ_t / T.
 
-Differences: Iso-C sums the task vectors directly (FusionBench divides the sum by T and multiplies it back, one
-float32 rounding apart); products are not formed by `multi_dot`; SVDs run on a fixed thread count
-(`tensors.fixed_threads`). Results agree to float32 rounding.
+Differences: Iso-CTS's common size is at least 0 (`subspace_sizes`). Iso-C sums the task vectors directly
+(FusionBench divides the sum by T and multiplies it back, one float32 rounding apart); products are not formed by
+`multi_dot`; SVDs run on a fixed thread count (`tensors.fixed_threads`). Results agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def iso_c_shares(values: Values) -> list[torch.Tensor]:
 
 
 def subspace_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
-    """(c, n): the common subspace's size and each task's, FusionBench's arithmetic (Python's `round`)."""
+    """(c, n): the common subspace's size and each task's, FusionBench's arithmetic (Python's `round`). Where
+    r·f < 1 that arithmetic can give c < 0 (r = 3, f = 0.3, T = 2 -> c = -1); c is 0 then."""
     common = int(rank * common_fraction)
-    common = rank - round((rank - common) / num_tasks) * num_tasks
+    common = max(0, rank - round((rank - common) / num_tasks) * num_tasks)
     return common, int((rank - common) / num_tasks)
 
 
