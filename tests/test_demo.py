@@ -25,7 +25,7 @@ from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
 from adaltm_recipes.demo import _Jobs
 from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
-from adaltm_upstream.expert import read_lambdas
+from adaltm_upstream.states import read_lambdas
 from tests.conftest import ROOT, launcher_env
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
