@@ -99,8 +99,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from adaltm_downstream.common import results
+    from adaltm_upstream.config import describe
 
-    a, b = results.load_run(args.run_a, args.split), results.load_run(args.run_b, args.split)
+    a, b = (results.load_run(run, args.split, describe=describe) for run in (args.run_a, args.run_b))
     differences = results.compare_runs(a, b, args.resamples, args.by)
     if args.json:
         print(json.dumps({m: vars(d) | {"significant": d.significant} for m, d in differences.items()}, indent=1))
@@ -110,10 +111,11 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _table(args: argparse.Namespace) -> None:
     from adaltm_downstream.common import results
+    from adaltm_upstream.config import describe
 
     fmt = results.format_of(args.output, args.format)
-    runs = [results.load_run(r, args.split) for r in args.runs]
-    reference = results.load_run(args.reference, args.split) if args.reference else None
+    runs = [results.load_run(r, args.split, describe=describe) for r in args.runs]
+    reference = results.load_run(args.reference, args.split, describe=describe) if args.reference else None
     text = results.render(results.table_rows(runs, reference, args.resamples, args.by), fmt)
     if fmt == "md":
         text += "\n" + results.legend(reference, args.resamples, args.by) + "\n"

@@ -3,8 +3,10 @@
 Both libraries describe their configs as dataclasses (the upstream's `-g` YAML, every downstream section) and
 build them with `parse`. Supported annotations: bool, int, float (finite), str, `Literal[...]` (choices), unions
 with None, `list`, `dict[K, V]`, and nested dataclasses. Ranges are field metadata
-(`field(default=32, metadata={"min": 1})`; keys `min` ≥, `gt` >, `max` ≤). A dataclass may define `check(where)`
-for cross-field rules; fields with `metadata={"internal": True}` are not config keys (set by code, not by users).
+(`field(default=32, metadata={"min": 1})`; keys `min` ≥, `gt` >, `max` ≤, `lt` <). A dataclass may define
+`check(where)` for cross-field rules; fields with `metadata={"internal": True}` are not config keys (set by code, not
+by users). A field whose value is chosen by name from a registry (the upstream's merging methods) names its own
+parser: `metadata={"parse": function(value, where)}`, called instead of the type-driven conversion.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
 
 
 _BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "gt": (lambda v, b: v > b, "greater than"),
-           "max": (lambda v, b: v <= b, "at most")}
+           "max": (lambda v, b: v <= b, "at most"), "lt": (lambda v, b: v < b, "less than")}
 
 
 def _check_bounds(where: str, value: Any, metadata) -> None:
@@ -105,7 +107,9 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     hints = typing.get_type_hints(cls)
     values = {}
     for name, field in fields.items():
-        if name in data:
+        if name in data and "parse" in field.metadata:
+            values[name] = field.metadata["parse"](data[name], key(where, name))
+        elif name in data:
             values[name] = _coerce(key(where, name), data[name], hints[name])
             _check_bounds(key(where, name), values[name], field.metadata)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

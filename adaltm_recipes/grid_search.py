@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import yaml
@@ -23,6 +22,7 @@ import yaml
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_path, atomic_torch_save, atomic_write_text
 from adaltm_core.safe_load import torch_load
+from adaltm_recipes.launch import run_downstream
 from adaltm_upstream.config import load as load_config
 from adaltm_upstream.config import read_yaml
 
@@ -70,20 +70,6 @@ def head_states(head: str | Path, out: Path) -> tuple[dict, Path, Path]:
     return vars(states["Args"]), config_path, init
 
 
-def launch(argv: list[str]) -> None:
-    """`run_downstream.py ARGV` in this process (as `adaltm demo` runs its stages)."""
-    from adaltm_s3prl import launcher
-
-    saved = sys.argv
-    try:
-        launcher.main(argv)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise UserError(f"run_downstream.py {' '.join(argv)}: failed (exit {exit_.code})") from None
-    finally:
-        sys.argv = saved
-
-
 def evaluate_at(value: float, config_path: str | Path, args: dict, head_config: Path, init: Path, split: str,
                 expdir: Path, device: str | None) -> dict:
     expdir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +82,7 @@ def evaluate_at(value: float, config_path: str | Path, args: dict, head_config: 
         argv += ["-l", str(args["upstream_layer_selection"])]
     if args.get("upstream_feature_normalize"):
         argv.append("--upstream_feature_normalize")
-    launch(argv + (["--device", device] if device else []))
+    run_downstream(argv + (["--device", device] if device else []))
     metrics_file = expdir / f"{split}_metrics.json"
     if not metrics_file.is_file():
         raise UserError(f"{expdir}: the evaluation wrote no {split}_metrics.json (downstream "

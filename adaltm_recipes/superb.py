@@ -10,9 +10,7 @@ an interrupted training starts over. The test metric is what the downstream logs
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_write_text
+from adaltm_recipes.launch import Isolated, LaunchFailed, run_downstream
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("speech_commands", "KS", "Speech Commands v0.01", "speech_commands_root", "test", "dev-best.ckpt", "acc",
          "accuracy %", 100, paths=("speech_commands_test_root",)),
 )}
-
-LAUNCHER = [sys.executable, "-m", "adaltm_s3prl.scalars"]
 
 
 @dataclass(frozen=True)
@@ -221,11 +218,10 @@ class Runs:
     def _launch(self, plan: Plan, stage: str, argv: list[str], scalars: Path) -> None:
         self.bar.set_postfix_str(f"{plan.task.name}: {stage}")
         log = plan.directory / f"{stage}.log"
-        with open(log, "w") as handle:
-            done = subprocess.run([*LAUNCHER, str(scalars), *argv], cwd=self.cwd, stdout=handle,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:
-            raise UserError(f"{plan.task.name}: {stage} failed (exit {done.returncode}); see {log}")
+        try:
+            run_downstream(argv, Isolated(log, scalars, self.cwd))
+        except LaunchFailed as failed:
+            raise UserError(f"{plan.task.name}: {stage} failed (exit {failed.code}); see {log}") from None
         self.bar.update(1)
 
     def train(self, plan: Plan) -> None:

@@ -12,7 +12,9 @@ from typing import Literal
 import yaml
 
 from adaltm_core.settings import SettingsError, key, parse
-from adaltm_upstream.vector_ops import LambdaConstraints, VectorOps
+from adaltm_upstream import lambdas
+from adaltm_upstream.methods.base import LambdaConstraint, VectorOp
+from adaltm_upstream.methods.registry import label, parse_constraints, parse_vector_ops
 
 
 class ConfigError(SettingsError):
@@ -21,19 +23,19 @@ class ConfigError(SettingsError):
 
 @dataclass(frozen=True)
 class MergeConfig:
-    # tensorwise: one λ per tensor and task (AdaMerging's original granularity)
-    granularity: Literal["layerwise", "global", "static", "tensorwise"] = "layerwise"
+    # The λ table (`lambdas`): layerwise | global | static | tensorwise (one λ per tensor and task, AdaMerging's)
+    granularity: lambdas.Granularity = "layerwise"
     init: float | dict[str, float] = 0.5
     # Where the encoder's own LayerNorm goes: `adjacent` = with the transformer layer it normalises
     # (the last one in pre-LN WavLM-Large, the first one in post-LN Base), `outside` = group 0.
     encoder_norm_group: Literal["adjacent", "outside"] = "adjacent"
     # MTL baseline "static init": the merged weights become ordinary trainable parameters.
     train_merged_weights: bool = False
-    # Applied to the task vectors once, before merging (trim_top_k, ties, ties_aggregate, dare_p, dare_seed,
-    # dare_rescale); recorded in checkpoints (resume with other operations is refused) and exports.
-    vector_ops: VectorOps = field(default_factory=VectorOps)
-    # λ as merged: clamp [low, high], then normalize across tasks (softmax | sum); the raw λ are what trains.
-    constraints: LambdaConstraints = field(default_factory=LambdaConstraints)
+    # Registered task-vector operations, applied in order once before merging ([{name: dare, p: 0.5}, {name: ties,
+    # top_k: 0.2}]); recorded in checkpoints (resume with other operations is refused) and exports.
+    vector_ops: tuple[VectorOp, ...] = field(default=(), metadata={"parse": parse_vector_ops})
+    # λ as merged, in order ([{name: clamp, low: 0, high: 1}, {name: softmax}]); the raw λ are what trains.
+    constraints: tuple[LambdaConstraint, ...] = field(default=(), metadata={"parse": parse_constraints})
 
     def init_for(self, task: str) -> float:
         return float(self.init[task]) if isinstance(self.init, dict) else float(self.init)
@@ -76,7 +78,7 @@ class UpstreamConfig:
     @property
     def trains_upstream(self) -> bool:
         """True when s3prl must run the upstream with gradients (`-f`)."""
-        learnable = self.merge.granularity != "static" and bool(self.task_vectors)
+        learnable = lambdas.TABLES[self.merge.granularity].trains and bool(self.task_vectors)
         return learnable or self.merge.train_merged_weights
 
 
@@ -136,3 +138,15 @@ def upstream_training_reason(path: str | None) -> str | None:
     if config.trains_upstream:
         return f"adaltm_wavlm has trainable λ ({config.merge.granularity}); base and task vectors stay frozen"
     return None
+
+
+def describe(path: str | os.PathLike) -> str | None:
+    """A table row's name for a run with this `-g` file: `asr+ser vectors (TIES top 0.5), tensorwise λ`; None when
+    the file is gone or no longer a valid config."""
+    try:
+        config = load(path, require_base=False)
+    except ConfigError:
+        return None
+    trained = ", merged weights trained" if config.merge.train_merged_weights else ""
+    vectors = "+".join(config.tasks) or "no"
+    return f"{vectors} vectors{label(config.merge.vector_ops)}, {config.merge.granularity} λ{trained}"

@@ -3,8 +3,9 @@
 This is how a merged upstream reaches every other SUPERB task without the plugin: `WavLMModel.from_pretrained`
 or stock s3prl `-u wavlm_local -k OUT` load the result, and merging costs nothing at inference.
 
-Nothing is built: base and task vectors stay memory-mapped and are merged one layer group at a time with the
-upstream's own `GroupedMerge` arithmetic (bit-identical to what training ran). The hf format streams each merged
+Nothing is built: base and task vectors stay memory-mapped (`sources`, as the upstream loads them) and are merged
+one layer group at a time with the upstream's own arithmetic, `merging.fill_group` and `merging.merge_group`
+(bit-identical to what training ran, whole-model vector operations included). The hf format streams each merged
 group into `model.safetensors` (peak: one group); the s3prl format is one pickle, so it holds one merged copy
 (peak: that copy plus one group).
 """
@@ -20,16 +21,19 @@ from transformers import WavLMConfig, WavLMModel
 
 from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_directory, atomic_torch_save
-from adaltm_upstream import task_vectors, vector_ops
-from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint, torch_load
+from adaltm_upstream import sources as merge_sources
+from adaltm_upstream import static_init
+from adaltm_upstream.checkpoints import Checkpoint, torch_load
 from adaltm_upstream.checkpoints.architecture import unilm_cfg_from_hf
 from adaltm_upstream.checkpoints.formats import adaltm_states
 from adaltm_upstream.checkpoints.keys import canonical_to_unilm
 from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.config import load as load_config
-from adaltm_upstream.expert import check_states, upstream_fingerprint
-from adaltm_upstream.groups import partition
-from adaltm_upstream.merging import GroupedMerge, row_names, row_slices
+from adaltm_upstream.lambdas import LambdaTable
+from adaltm_upstream.merging import fill_group, layout, merge_group
+from adaltm_upstream.methods.constraints import constrain
+from adaltm_upstream.methods.registry import record
+from adaltm_upstream.states import check_states
 
 FORMATS = ("hf", "s3prl")
 
@@ -64,79 +68,64 @@ def export(config_path: str, states_path: str | None, output: str | Path, fmt: s
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     config = check_request(config_path, states_path, at_init)
     merge = config.merge
-    base = load_checkpoint(config.base, check_values=False)
-    vectors = [task_vectors.load(path) for path in config.task_vectors.values()]
-    base_fingerprint = task_vectors.fingerprint(base.state)
-    for vector in vectors:
-        task_vectors.check_against_base(vector, base_fingerprint, config.base)
-        task_vectors.check_shapes(vector, config.base, base.state)
-    fingerprint = upstream_fingerprint(base_fingerprint, [task_vectors.fingerprint(v.tensors) for v in vectors],
-                                       config)
-    layout = partition(base.state, base.num_layers, base.config.do_stable_layer_norm, merge.encoder_norm_group)
-    rows = row_names(layout, merge.granularity)
-    raw = torch.tensor([[merge.init_for(t) for t in config.tasks]] * len(rows), dtype=torch.float32)
-    trained_weights = None
+    sources = merge_sources.load(config)
+    table = sources.table()
+    raw = table.initial(sources.init)
+    trained = config.merge.train_merged_weights and states_path is not None
     if states_path is not None:
-        raw, trained_weights = _from_states(states_path, config, fingerprint, raw)
-    lambdas = vector_ops.constrain(raw, merge.constraints)
+        raw = _from_states(states_path, config, sources.fingerprint, raw)
+    lambdas = constrain(raw, merge.constraints)
     provenance = {"config": str(config_path), "states": str(states_path) if states_path else None,
                   "at_init": states_path is None, "tasks": config.tasks, "lambdas": lambdas.tolist(),
-                  "raw_lambdas": raw.tolist(), "lambda_rows": rows, "granularity": merge.granularity,
-                  "fingerprint": fingerprint, "vector_ops": merge.vector_ops.record(),
-                  "constraints": merge.constraints.record(),
+                  "raw_lambdas": raw.tolist(), "lambda_rows": table.row_names, "granularity": merge.granularity,
+                  "fingerprint": sources.fingerprint, "vector_ops": record(merge.vector_ops),
+                  "constraints": record(merge.constraints),
                   "torch": str(torch.__version__)}  # DARE masks come from torch's CPU generator
-    groups = _merged_groups(base, vectors, layout, config, lambdas, trained_weights, states_path)
+    groups = (static_init.trained_groups(states_path, sources.groups) if trained
+              else _merged_groups(sources, table, lambdas))
+    groups = (_finite(group, states_path) for group in groups)
+    base = sources.base
     if fmt == "hf":
-        return _write_hf(Path(output), base, layout, groups, provenance)
+        return _write_hf(Path(output), base, sources.groups, groups, provenance)
     merged = {name: tensor for group in groups for name, tensor in group.items()}
     return write_unilm_checkpoint(output, base.config, base.normalize, merged, adaltm=provenance)
 
 
-def _from_states(states_path: str, config: UpstreamConfig, fingerprint: str,
-                 at_init: torch.Tensor) -> tuple[torch.Tensor, Checkpoint | None]:
-    """(raw λ as rows × tasks, the trained weights of a `merge.train_merged_weights` run or None), checked against
-    the config's base, vectors and merging method."""
+def _from_states(states_path: str, config: UpstreamConfig, fingerprint: str, at_init: torch.Tensor) -> torch.Tensor:
+    """The raw λ (rows × tasks) of a run's states, checked against the config's base, vectors and merging method
+    (`at_init` for the MTL "static init" run, whose weights, not λ, trained)."""
     states = torch_load(states_path, mmap=True)
     upstream = states.get("Upstream") if isinstance(states, dict) else None
     if not isinstance(upstream, dict):
         if config.trains_upstream:
             raise UserError(f"{states_path}: no upstream state in this checkpoint (was it trained with -f?)")
-        return at_init, None
+        return at_init
     extra = upstream.get(adaltm_states.EXTRA)
     if not isinstance(extra, dict):
         raise UserError(f"{states_path}: not the states of an adaltm_wavlm run")
     check_states(extra, fingerprint, config)
     if config.merge.train_merged_weights:
-        return at_init, load_checkpoint(states_path, check_values=False)
+        return at_init
     merge = upstream.get("merge._extra_state")
     raw = merge.get("lambdas") if isinstance(merge, dict) else None
     if not isinstance(raw, torch.Tensor) or raw.shape != at_init.shape:
         raise UserError(f"{states_path}: no λ of shape {tuple(at_init.shape)} in this adaltm_wavlm state")
-    return raw.to(torch.float32), None
+    return raw.to(torch.float32)
 
 
-def _merged_groups(base: Checkpoint, vectors: list[task_vectors.TaskVector], groups: list[list[str]],
-                   config: UpstreamConfig, lambdas: torch.Tensor, trained: Checkpoint | None,
-                   states_path: str | None) -> Iterator[dict[str, torch.Tensor]]:
-    """Merged weights one layer group at a time, read from the files: each group is a `GroupedMerge` of its own
-    (the training arithmetic, task-vector operations included) at its rows of the effective λ."""
-    if trained is not None:  # the MTL baseline trained the weights themselves: they are the export
-        for names in groups:
-            yield _finite({name: trained.state[name] for name in names}, states_path)
-        return
-    merge, tensorwise = config.merge, config.merge.granularity == "tensorwise"
-    for names, rows in zip(groups, row_slices(groups, merge.granularity)):
-        if not names:
+def _merged_groups(sources: merge_sources.MergeSources, table: LambdaTable,
+                   lambdas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Merged weights one layer group at a time, read from the files with the training arithmetic (`fill_group`,
+    `merge_group`; the vector operations fitted over the whole model first): each group's buffers go before the
+    next group's are allocated."""
+    vectors = sources.pipeline()
+    for g, slots in enumerate(layout(sources.groups, sources.base.state)):
+        if not slots:
             continue
-        part = GroupedMerge(base.state, [v.tensors for v in vectors], [names], init=[0.0] * len(vectors),
-                            granularity="tensorwise" if tensorwise else "static",
-                            vector_dtype=task_vectors.DTYPES[config.speed.vector_dtype], tasks=config.tasks,
-                            ops=merge.vector_ops)
-        part.set_lambdas(lambdas[rows])
+        base, tau = fill_group(slots, sources.base.state, vectors, sources.vector_dtype)
         with torch.no_grad():
-            merged = part()
-        del part  # its buffers go before the next group's are allocated
-        yield _finite(merged, states_path)
+            yield merge_group(base, tau, table.for_group(lambdas, g), slots)
+        del base, tau
 
 
 def _finite(group: dict[str, torch.Tensor], states_path: str | None) -> dict[str, torch.Tensor]:
@@ -148,12 +137,12 @@ def _finite(group: dict[str, torch.Tensor], states_path: str | None) -> dict[str
     return group
 
 
-def _write_hf(output: Path, base: Checkpoint, layout: list[list[str]], groups: Iterator[dict[str, torch.Tensor]],
+def _write_hf(output: Path, base: Checkpoint, names: list[list[str]], groups: Iterator[dict[str, torch.Tensor]],
               provenance: dict) -> Path:
     """A `WavLMModel.from_pretrained` directory, written into a temporary directory renamed into place."""
     with torch.device("meta"):
         expected = WavLMModel(base.config).state_dict()
-    order = [name for names in layout for name in names] + [n for n in expected if n not in base.state]
+    order = [name for group in names for name in group] + [n for n in expected if n not in base.state]
     with atomic_directory(output) as tmp:
         base.config.to_json_file(tmp / "config.json")
         _stream_safetensors(tmp / "model.safetensors", {n: tuple(expected[n].shape) for n in order}, groups)

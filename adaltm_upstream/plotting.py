@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaltm_core.errors import UserError
-from adaltm_upstream import expert
+from adaltm_upstream import states
 from adaltm_upstream.checkpoints import torch_load
 
 
@@ -25,11 +25,11 @@ def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]], bool
     """(tasks, λ as merged, rows × tasks, whether rows are tensors (tensorwise) rather than groups)."""
     path = selected_checkpoint(expdir)
     upstream = torch_load(path).get("Upstream") or {}
-    found = expert.read_lambdas(upstream)
+    found = states.read_lambdas(upstream)
     if found is None:
         raise UserError(f"{path}: no learned λ (not an adaltm_wavlm run with trainable λ)")
     tasks, lambdas = found
-    return tasks, lambdas.tolist(), not expert.lambda_rows(upstream)[0].startswith("group_")
+    return tasks, lambdas.tolist(), not states.lambda_rows(upstream)[0].startswith("group_")
 
 
 def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | None = None) -> Path:

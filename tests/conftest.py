@@ -135,3 +135,16 @@ def tensors():
     asr = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
     ser = {"a": torch.randn(2, 3, generator=g), "c": torch.randn(3, generator=g)}  # no "b": τ_ser(b) = 0
     return base, [asr, ser], [["a", "b"], ["c"]]
+
+
+def build_merge(base, vectors, groups, granularity, init, frozen_groups=frozenset(), constraints=(), ops=(),
+                tasks=None):
+    """`GroupedMerge` over plain named tensors, its vector operations fitted as the upstream fits them."""
+    from adaltm_upstream import lambdas
+    from adaltm_upstream.merging import GroupedMerge
+    from adaltm_upstream.methods.pipeline import VectorPipeline
+
+    tasks = tasks or [f"t{t}" for t in range(len(vectors))]
+    pipeline = VectorPipeline.fit(ops, vectors, tasks, [name for names in groups for name in names])
+    return GroupedMerge(base, pipeline, groups, lambdas.table(granularity, groups, frozenset(frozen_groups)), init,
+                        constraints)

@@ -16,7 +16,8 @@ from adaltm_downstream.common.heads import UtteranceClassifier
 from adaltm_downstream.common.results import run_name
 from adaltm_upstream import adaltm_wavlm
 from adaltm_upstream.checkpoints import load_checkpoint, torch_load
-from adaltm_upstream.expert import read_lambdas
+from adaltm_upstream.config import describe
+from adaltm_upstream.states import read_lambdas
 from tests.conftest import run_launcher, write_yaml
 
 
@@ -39,8 +40,8 @@ def adapted(tmp_path_factory, merge_setup, mini_msp):
     upstream_cfg = write_yaml(work / "adamerging.yaml", {
         "base": str(merge_setup["base"]),
         "task_vectors": {"asr": str(merge_setup["asr"]), "ser": str(merge_setup["ser"])},
-        "merge": {"granularity": "tensorwise", "init": 0.3, "constraints": {"clamp": [0, 1]},
-                  "vector_ops": {"trim_top_k": 0.5, "ties": True}}})
+        "merge": {"granularity": "tensorwise", "init": 0.3, "constraints": [{"name": "clamp", "low": 0, "high": 1}],
+                  "vector_ops": [{"name": "ties", "top_k": 0.5}]}})
     expdir = work / "exp"
     override = ",,".join([
         f"config.downstream_expert.datarc.root={root}", f"config.downstream_expert.adamerging.head={head_path}",
@@ -62,8 +63,8 @@ def test_lambdas_move_and_the_head_stays_frozen(adapted):
     assert float(lambdas.min()) >= 0 and float(lambdas.max()) <= 1  # as merged: clamped
     for key, value in head_state.items():
         assert torch.equal(states["Downstream"][f"head.head.{key[len('emotion.head.'):]}"], value), key
-    assert states["Upstream"]["_extra_state"]["vector_ops"]["ties"] is True
-    assert run_name(expdir) == "asr+ser vectors (TIES top 0.5), tensorwise λ (msp_podcast_adamerging)"
+    assert states["Upstream"]["_extra_state"]["vector_ops"] == [{"name": "ties", "top_k": 0.5, "aggregate": "mean"}]
+    assert run_name(expdir, describe) == "asr+ser vectors (TIES top 0.5), tensorwise λ (msp_podcast_adamerging)"
 
 
 def test_test_split_scored_like_every_row_matches_the_frozen_head_on_the_learned_merge(adapted, mini_msp):
@@ -116,5 +117,5 @@ def test_resume_continues_and_export_bakes_the_learned_merge(adapted, tmp_path):
               str(tmp_path / "merged.pt"), "--format", "s3prl"])
     exported = torch_load(tmp_path / "merged.pt")
     provenance = exported["adaltm"]
-    assert provenance["granularity"] == "tensorwise" and provenance["vector_ops"]["trim_top_k"] == 0.5
+    assert provenance["granularity"] == "tensorwise" and provenance["vector_ops"][0]["top_k"] == 0.5
     assert torch.tensor(provenance["lambdas"]).equal(after)

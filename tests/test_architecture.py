@@ -58,3 +58,36 @@ def test_no_import_cycle_between_modules():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def _compared_strings(path: Path) -> set[str]:
+    """String constants a module compares with (`==`, `!=`, `in`), directly or inside a tuple, list or set."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                found |= {item.value for item in items
+                          if isinstance(item, ast.Constant) and isinstance(item.value, str)}
+    return found
+
+
+def test_only_the_lambda_tables_compare_granularity_names():
+    from adaltm_upstream.lambdas import TABLES
+
+    for module, path in _modules().items():
+        if module != "adaltm_upstream.lambdas":
+            assert not _compared_strings(path) & set(TABLES), f"{module} compares a granularity name"
+
+
+def _names(tree: ast.AST) -> set[str]:
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def test_export_merges_with_the_forwards_own_function():
+    """`adaltm export` builds no merge module: it calls the pure `merge_group` that the upstream's forward calls."""
+    export = _names(ast.parse((ROOT / "adaltm_upstream" / "export.py").read_text()))
+    forward = next(node for node in ast.walk(ast.parse((ROOT / "adaltm_upstream" / "merging.py").read_text()))
+                   if isinstance(node, ast.FunctionDef) and node.name == "forward")
+    assert {"fill_group", "merge_group"} <= export and "GroupedMerge" not in export
+    assert "merge_group" in _names(forward)

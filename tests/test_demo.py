@@ -23,9 +23,9 @@ from tqdm import tqdm
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
-from adaltm_recipes.demo import _Jobs
+from adaltm_recipes.demo.jobs import JobPool
 from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
-from adaltm_upstream.expert import read_lambdas
+from adaltm_upstream.states import read_lambdas
 from tests.conftest import ROOT, launcher_env
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
@@ -110,44 +110,44 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
 
 
-class _Stages:
-    """Stands in for `Demo` in the job runner: a worker calls `logged(label, method, *args)`."""
-    out = Path("demo")
+# Jobs for the pool (module functions: a spawned worker imports them by name).
+LOGS = Path("demo/logs")
 
-    def logged(self, label, function, *args):
-        return function(*args)
 
-    def square(self, x):
-        return x * x
+def square(x):
+    return x * x
 
-    def sleep(self, seconds):
-        time.sleep(seconds)
 
-    def fail(self, message):
-        raise UserError(message)
+def sleep(seconds):
+    time.sleep(seconds)
 
-    def die(self):
-        os._exit(9)
+
+def fail(message):
+    raise UserError(message)
+
+
+def die():
+    os._exit(9)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_demo_jobs_hand_back_every_result(workers):
     bar = tqdm(total=5, file=io.StringIO())
-    with _Jobs(_Stages(), workers, bar) as jobs:
+    with JobPool(workers, bar, LOGS) as jobs:
         for x in range(5):
-            jobs.submit(f"s{x}", "square", x)
+            jobs.submit(f"s{x}", square, x)
         got = dict(jobs.finished() for _ in range(5))
         assert jobs.pending == 0
     assert got == {f"s{x}": x * x for x in range(5)} and bar.n == 5
-    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), workers, bar) as jobs:
-        jobs.submit("bad", "fail", "runs/x: broken")
+    with pytest.raises(UserError, match="runs/x: broken"), JobPool(workers, bar, LOGS) as jobs:
+        jobs.submit("bad", fail, "runs/x: broken")
         jobs.finished()
 
 
 def test_one_worker_stops_at_the_first_failing_job():
     ran = []
-    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 1, tqdm(disable=True)) as jobs:
-        jobs.submit("bad", "fail", "runs/x: broken")
+    with pytest.raises(UserError, match="runs/x: broken"), JobPool(1, tqdm(disable=True), LOGS) as jobs:
+        jobs.submit("bad", fail, "runs/x: broken")
         ran.append("the next job")
     assert ran == []
 
@@ -170,12 +170,12 @@ def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
     script = textwrap.dedent("""
         import sys
         from tqdm import tqdm
-        from adaltm_recipes.demo import _Jobs
-        from tests.test_demo import _Stages
+        from adaltm_recipes.demo.jobs import JobPool
+        from tests.test_demo import LOGS, sleep
         try:
-            with _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
-                jobs.submit("a", "sleep", 120)
-                jobs.submit("b", "sleep", 120)
+            with JobPool(2, tqdm(disable=True), LOGS) as jobs:
+                jobs.submit("a", sleep, 120)
+                jobs.submit("b", sleep, 120)
                 print("submitted", flush=True)
                 jobs.finished()
         except KeyboardInterrupt:
@@ -197,21 +197,21 @@ def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
 
 def test_demo_jobs_stop_the_workers_on_the_first_error():
     others, started = set(multiprocessing.active_children()), time.monotonic()   # earlier tests' children
-    with pytest.raises(UserError, match="runs/x: broken"), _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
-        jobs.submit("slow", "sleep", 120)
-        jobs.submit("bad", "fail", "runs/x: broken")
+    with pytest.raises(UserError, match="runs/x: broken"), JobPool(2, tqdm(disable=True), LOGS) as jobs:
+        jobs.submit("slow", sleep, 120)
+        jobs.submit("bad", fail, "runs/x: broken")
         jobs.finished()
     assert time.monotonic() - started < 60                                 # the sleeper was stopped, not awaited
     assert set(multiprocessing.active_children()) <= others
     with pytest.raises(UserError, match=r"demo/logs: a worker process of the demo died .*unfinished: gone$"), \
-            _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
-        jobs.submit("gone", "die")
+            JobPool(2, tqdm(disable=True), LOGS) as jobs:
+        jobs.submit("gone", die)
         jobs.finished()
     with pytest.raises(UserError, match=r"worker process of the demo died .*unfinished: gone, next$"), \
-            _Jobs(_Stages(), 2, tqdm(disable=True)) as jobs:
-        jobs.submit("gone", "die")
+            JobPool(2, tqdm(disable=True), LOGS) as jobs:
+        jobs.submit("gone", die)
         wait(jobs.running)                              # the pool has found its worker dead
-        jobs.submit("next", "square", 2)
+        jobs.submit("next", square, 2)
 
 
 def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys):

@@ -8,12 +8,15 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from adaltm_cli.main import main as cli
 from adaltm_upstream import adaltm_wavlm
 from adaltm_upstream.checkpoints import load_checkpoint
+from adaltm_upstream.methods import registry
 from tests.conftest import write_yaml
+from tests.test_vector_ops import UnitL1
 
 
 def _config(tmp_path, setup, **merge):
@@ -35,17 +38,25 @@ def _trained_states(tmp_path, config_path):
 METHODS = {
     "layerwise": {},
     "global": {"granularity": "global"},
-    "tensorwise, TIES, clamped": {"granularity": "tensorwise", "vector_ops": {"trim_top_k": 0.3, "ties": True},
-                                  "constraints": {"clamp": [0.2, 0.7]}},
-    "DARE, softmax across tasks": {"vector_ops": {"dare_p": 0.5, "dare_seed": 3},
-                                   "constraints": {"normalize": "softmax"}},
+    "tensorwise, TIES, clamped": {"granularity": "tensorwise", "vector_ops": [{"name": "ties", "top_k": 0.3}],
+                                  "constraints": [{"name": "clamp", "low": 0.2, "high": 0.7}]},
+    "DARE, softmax across tasks (the old spelling)": {"vector_ops": {"dare_p": 0.5, "dare_seed": 3},
+                                                      "constraints": {"normalize": "softmax"}},
+    "DARE, then a whole-model pass, frozen group 0": {
+        "vector_ops": [{"name": "dare", "p": 0.3}, {"name": "unit_l1"}], "freeze_group0": True},
 }
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_export_equals_the_upstreams_merged_weights_bit_for_bit(merge_setup, tmp_path, capsys, method):
-    """Group by group from the files (vector operations and constraints included) = the built upstream's merge."""
-    config = _config(tmp_path, merge_setup, **METHODS[method])
+def test_export_equals_the_upstreams_merged_weights_bit_for_bit(merge_setup, tmp_path, capsys, method, monkeypatch):
+    """Group by group from the files (vector operations, a whole-model one included, and constraints) = the built
+    upstream's merge."""
+    monkeypatch.setitem(registry.VECTOR_OPS, "unit_l1", UnitL1)  # a toy whole-model method (test_vector_ops)
+    merge = dict(METHODS[method])
+    speed = {"freeze_group0": merge.pop("freeze_group0")} if "freeze_group0" in merge else {}
+    config = _config(tmp_path, merge_setup, **merge)
+    if speed:
+        write_yaml(config, {**yaml.safe_load(config.read_text()), "speed": speed})
     upstream, states = _trained_states(tmp_path, config)
     expected = upstream.merged_state()
     cli(["export", "-g", str(config), "--states", str(states), "-o", str(tmp_path / "hf"), "--format", "hf"])

@@ -12,9 +12,9 @@ import torch
 from adaltm_upstream import adaltm_wavlm, task_vectors
 from adaltm_upstream.checkpoints import load_checkpoint
 from adaltm_upstream.config import ConfigError
-from adaltm_upstream.expert import StatesMismatch, lambda_rows, read_lambdas
-from adaltm_upstream.merging import GroupedMerge
-from adaltm_upstream.vector_ops import LambdaConstraints
+from adaltm_upstream.methods.constraints import Clamp, Softmax
+from adaltm_upstream.states import StatesMismatch, lambda_rows, read_lambdas
+from tests.conftest import build_merge
 
 
 def make(setup, tasks=("asr", "ser"), **merge):
@@ -31,7 +31,8 @@ def hand_trim(tau: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def test_merge_at_lambda_one_of_a_trimmed_vector_is_base_plus_trimmed_tau_exactly(merge_setup):
-    upstream = make(merge_setup, tasks=("ser",), granularity="static", init=1.0, vector_ops={"trim_top_k": 0.3})
+    upstream = make(merge_setup, tasks=("ser",), granularity="static", init=1.0,
+                    vector_ops=[{"name": "trim", "top_k": 0.3}])
     base = load_checkpoint(merge_setup["base"]).state
     tau = task_vectors.load(merge_setup["ser"]).tensors
     merged = upstream.merged_state()
@@ -43,7 +44,7 @@ def test_merge_at_lambda_one_of_a_trimmed_vector_is_base_plus_trimmed_tau_exactl
 
 
 def test_ties_at_equal_lambda_is_the_disjoint_mean_of_the_trimmed_vectors(merge_setup):
-    upstream = make(merge_setup, granularity="static", init=1.0, vector_ops={"trim_top_k": 0.5, "ties": True})
+    upstream = make(merge_setup, granularity="static", init=1.0, vector_ops=[{"name": "ties", "top_k": 0.5}])
     base = load_checkpoint(merge_setup["base"]).state
     vectors = [task_vectors.load(merge_setup[t]).tensors for t in ("asr", "ser")]
     merged = upstream.merged_state()
@@ -72,23 +73,27 @@ def test_dare_masks_are_the_same_in_every_construction_and_scale_by_one_over_one
 
 
 def test_resume_with_other_operations_or_constraints_is_refused(merge_setup):
-    trimmed = make(merge_setup, vector_ops={"trim_top_k": 0.5})
+    trimmed = make(merge_setup, vector_ops=[{"name": "trim", "top_k": 0.5}])
     state = trimmed.state_dict()
-    assert state["_extra_state"]["vector_ops"]["trim_top_k"] == 0.5
-    make(merge_setup, vector_ops={"trim_top_k": 0.5}).load_state_dict(state)  # same operations: accepted
-    for other in ({"vector_ops": {"trim_top_k": 0.2}}, {},
+    assert state["_extra_state"]["vector_ops"] == [{"name": "trim", "top_k": 0.5}]
+    make(merge_setup, vector_ops={"trim_top_k": 0.5}).load_state_dict(state)  # the old spelling, same operation
+    for other in ({"vector_ops": [{"name": "trim", "top_k": 0.2}]}, {},
+                  {"vector_ops": [{"name": "ties", "top_k": 0.5}]},
                   {"vector_ops": {"trim_top_k": 0.5}, "constraints": {"clamp": [0, 1]}}):
         with pytest.raises(StatesMismatch, match="task-vector operations or λ constraints"):
             make(merge_setup, **other).load_state_dict(state)
 
 
 @pytest.mark.parametrize("merge, field", [
+    ({"vector_ops": [{"name": "trim", "top_k": 20}]}, r"merge.vector_ops\[0\].top_k"),
+    ({"vector_ops": [{"name": "dare", "p": 0.1}, {"name": "drop"}]}, r"merge.vector_ops\[1\].name: unknown"),
     ({"vector_ops": {"trim_top_k": 20}}, "merge.vector_ops.trim_top_k"),
     ({"vector_ops": {"dare_p": 1.0}}, "merge.vector_ops.dare_p"),
     ({"vector_ops": {"ties": "yes"}}, "merge.vector_ops.ties"),
     ({"vector_ops": {"drop": 0.1}}, "merge.vector_ops: unknown key"),
     ({"constraints": {"clamp": [1, 0]}}, "merge.constraints.clamp"),
     ({"constraints": {"normalize": "l2"}}, "merge.constraints.normalize"),
+    ({"constraints": [{"name": "softmax", "t": 2}]}, r"merge.constraints\[0\]: unknown key"),
     ({"granularity": "tensor"}, "merge.granularity"),
 ])
 def test_method_config_errors_name_the_file_and_field(merge_setup, tmp_path, merge, field):
@@ -105,11 +110,10 @@ def test_method_config_errors_name_the_file_and_field(merge_setup, tmp_path, mer
 
 def test_tensorwise_merge_with_constraints_equals_the_hand_merge_and_its_gradient(tensors):
     base, vectors, groups = tensors
-    constraints = LambdaConstraints(clamp=(0.0, 1.0), normalize="softmax")
-    merge = GroupedMerge(base, vectors, groups, init=[0.3, 0.7], granularity="tensorwise", constraints=constraints)
+    merge = build_merge(base, vectors, groups, "tensorwise", [0.3, 0.7], constraints=[Clamp(0.0, 1.0), Softmax()])
     raw = torch.tensor([[0.2, -0.4], [1.5, 0.25], [0.6, 0.9]])  # rows a, b, c
     merge.set_lambdas(raw)
-    assert merge.row_names == ["a", "b", "c"] and merge.coefficients.shape == (3, 2)
+    assert merge.table.row_names == ["a", "b", "c"] and merge.coefficients.shape == (3, 2)
     merged = merge()
     # by hand: clamp to [0, 1], softmax across the two tasks, one λ pair per tensor
     hand_raw = raw.clone().requires_grad_(True)
@@ -127,7 +131,7 @@ def test_tensorwise_merge_with_constraints_equals_the_hand_merge_and_its_gradien
 
 def test_tensorwise_frozen_group_keeps_its_rows(tensors):
     base, vectors, groups = tensors
-    merge = GroupedMerge(base, vectors, groups, init=[0.5, 0.5], granularity="tensorwise", frozen_groups={0})
+    merge = build_merge(base, vectors, groups, "tensorwise", [0.5, 0.5], frozen_groups={0})
     assert merge.coefficients.shape == (1, 2)  # only tensor c (group 1) trains
     sum(w.sum() for w in merge().values()).backward()
     expected = torch.stack([vectors[0]["c"].sum(), vectors[1]["c"].sum()])[None]
@@ -138,13 +142,13 @@ def test_tensorwise_upstream_trains_one_lambda_per_tensor_and_round_trips(merge_
     upstream = make(merge_setup, granularity="tensorwise", init=0.3, constraints={"clamp": [0, 1]})
     names = list(load_checkpoint(merge_setup["base"]).state)
     assert upstream.merge.coefficients.shape == (len(names), 2)
-    assert sorted(upstream.merge.row_names) == sorted(names)
+    assert sorted(upstream.merge.table.row_names) == sorted(names)
     with torch.no_grad():
         upstream.merge.coefficients[0].fill_(1.7)
     state = upstream.state_dict()
     tasks, lambdas = read_lambdas(state)
     assert tasks == ["asr", "ser"] and lambdas[0].tolist() == [1.0, 1.0]  # as merged: clamped
-    assert lambda_rows(state) == upstream.merge.row_names
+    assert lambda_rows(state) == upstream.merge.table.row_names
     restored = make(merge_setup, granularity="tensorwise", init=0.3, constraints={"clamp": [0, 1]})
     restored.load_state_dict(state)
     assert torch.equal(restored.merge.coefficients, upstream.merge.coefficients)  # raw λ: exact resume
@@ -158,10 +162,27 @@ def test_export_records_the_method(merge_setup, tmp_path):
 
     config = write_yaml(tmp_path / "ties.yaml", {
         "base": str(merge_setup["base"]), "task_vectors": {t: str(merge_setup[t]) for t in ("asr", "ser")},
-        "merge": {"granularity": "static", "init": 0.4, "vector_ops": {"trim_top_k": 0.2, "ties": True},
-                  "constraints": {"normalize": "sum"}}})
+        "merge": {"granularity": "static", "init": 0.4, "vector_ops": [{"name": "ties", "top_k": 0.2}],
+                  "constraints": [{"name": "sum_to_one"}]}})
     out = export(str(config), None, tmp_path / "hf", "hf")
     provenance = json.loads((out / "adaltm_export.json").read_text())
-    assert provenance["vector_ops"]["trim_top_k"] == 0.2 and provenance["vector_ops"]["ties"]
-    assert provenance["constraints"] == {"clamp": None, "normalize": "sum"}
+    assert provenance["vector_ops"] == [{"name": "ties", "top_k": 0.2, "aggregate": "mean"}]
+    assert provenance["constraints"] == [{"name": "sum_to_one"}]
     assert provenance["lambdas"][0] == [0.5, 0.5] and provenance["raw_lambdas"][0] == pytest.approx([0.4, 0.4])
+
+
+def test_states_that_recorded_the_old_mapping_form(merge_setup):
+    """Before the registry, states recorded methods as a mapping: without methods the fingerprint is unchanged
+    and they resume; with methods the fingerprint cannot be checked, which is said as such."""
+    plain = make(merge_setup)
+    state = plain.state_dict()
+    state["_extra_state"].update(vector_ops={"trim_top_k": None, "ties": False, "ties_aggregate": "mean",
+                                             "dare_p": None, "dare_seed": 0, "dare_rescale": True},
+                                 constraints={"clamp": None, "normalize": None})
+    make(merge_setup).load_state_dict(state)
+    trimmed = make(merge_setup, vector_ops=[{"name": "trim", "top_k": 0.5}]).state_dict()
+    trimmed["_extra_state"]["vector_ops"] = {"trim_top_k": 0.5}
+    with pytest.raises(StatesMismatch, match="earlier adaltm that recorded its merging methods as a mapping"):
+        make(merge_setup, vector_ops={"trim_top_k": 0.5}).load_state_dict(trimmed)
+    with pytest.raises(StatesMismatch, match="other task-vector operations"):
+        make(merge_setup, vector_ops={"trim_top_k": 0.2}).load_state_dict(trimmed)

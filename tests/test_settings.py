@@ -47,3 +47,14 @@ def test_errors_name_file_and_field(data, message):
     with pytest.raises(SettingsError) as error:
         parse(Outer, data, "cfg.yaml: ")
     assert str(error.value).startswith(message)
+
+
+def test_a_field_can_name_its_own_parser_and_a_strict_upper_bound():
+    @dataclass
+    class Chosen:
+        methods: tuple = field(default=(), metadata={"parse": lambda value, where: (where, tuple(value))})
+        p: float = field(default=0.0, metadata={"min": 0, "lt": 1})
+
+    assert parse(Chosen, {"methods": ["a", "b"]}, "cfg.yaml: ").methods == ("cfg.yaml: methods", ("a", "b"))
+    with pytest.raises(SettingsError, match="^cfg.yaml: p: must be less than 1, got 1.0"):
+        parse(Chosen, {"p": 1}, "cfg.yaml: ")

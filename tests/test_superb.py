@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score
 
 from adaltm_cli import main as cli
 from adaltm_core.errors import UserError
+from adaltm_recipes import launch
 from adaltm_recipes import superb as superb_command
 from tests.conftest import launcher_env, run_launcher, write_yaml
 from tests.superb_data import write_all
@@ -169,7 +170,7 @@ def test_superb_command_runs_resumes_and_tabulates(superb, clone, tmp_path, monk
         read = [pandas.read_csv(folder / f"{split}.csv") for folder in (made, truth)]
         assert sorted(zip(read[0].file_path, read[0].length)) == sorted(zip(read[1].file_path, read[1].length))
     # finished tasks are skipped: a launcher that would fail is never started
-    monkeypatch.setattr(superb_command, "LAUNCHER", ["false"])
+    monkeypatch.setattr(launch, "SCALARS_LAUNCHER", ["false"])
     (out / "superb.md").unlink()
     cli.main(superb_args(superb, clone, out))
     assert (out / "superb.md").read_text() == table
@@ -188,7 +189,7 @@ def test_superb_command_runs_resumes_and_tabulates(superb, clone, tmp_path, monk
 ])
 def test_superb_input_errors_name_the_task_before_training(superb, clone, tmp_path, capsys, monkeypatch, change,
                                                            message):
-    monkeypatch.setattr(superb_command, "LAUNCHER", ["false"])
+    monkeypatch.setattr(launch, "SCALARS_LAUNCHER", ["false"])
     args = superb_args(superb, clone, tmp_path / "out")
     change(args)
     with pytest.raises(SystemExit) as exit_:

@@ -156,3 +156,19 @@ def test_ddp_two_ranks_end_with_identical_lambdas(merge_setup, tmp_path):
     ignored = rank0["ignored"]
     assert "merge.coefficients" not in ignored and "merge.base_1" in ignored
     assert any(name.startswith("backbone.model.encoder") for name in ignored)
+
+
+def test_mtl_static_init_starts_at_the_merge_and_trains_every_weight(merge_setup):
+    """Its own upstream: the weights are W_base + λ τ at merge.init (the λ upstream's merge, bit for bit), trainable,
+    with dropout on while training; states written before it had a class of its own (with the unused merge's λ)
+    still load."""
+    mtl = make(merge_setup, granularity="static", train_merged_weights=True)
+    static = make(merge_setup, granularity="static").merged_state()
+    assert all(torch.equal(mtl.merged_state()[k], static[k]) for k in static)
+    parameters = dict(mtl.named_parameters())
+    assert all(p.requires_grad for p in parameters.values()) and all(k.startswith("backbone.") for k in parameters)
+    assert mtl.train().backbone.training
+    state = mtl.state_dict()
+    assert state["_extra_state"]["architecture"]["num_hidden_layers"] == 2 and "merge._extra_state" not in state
+    earlier = {**state, "merge._extra_state": {"granularity": "static", "lambdas": torch.full((3, 2), 0.5)}}
+    make(merge_setup, granularity="static", train_merged_weights=True).load_state_dict(earlier)

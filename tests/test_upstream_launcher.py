@@ -12,7 +12,7 @@ import yaml
 
 from adaltm_upstream import adaltm_wavlm
 from adaltm_upstream.checkpoints import torch_load
-from adaltm_upstream.expert import read_lambdas
+from adaltm_upstream.states import read_lambdas
 from tests.conftest import example_config, launcher_env, run_launcher, write_unilm_checkpoint, write_yaml
 
 WAVS = [torch.randn(11000, generator=torch.Generator().manual_seed(5)) * 0.3]

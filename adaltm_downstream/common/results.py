@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,13 @@ class TableRow:
     reference: bool = False
 
 
-def load_run(path: str | Path, split: str = "test", name: str | None = None) -> RunResult:
+# The name of a run from its upstream's config file (for `adaltm_wavlm`: `adaltm_upstream.config.describe`, handed in
+# by the command: this library does not import the upstream's); None when the file says nothing usable.
+Describe = Callable[[Path], "str | None"]
+
+
+def load_run(path: str | Path, split: str = "test", name: str | None = None,
+             describe: Describe | None = None) -> RunResult:
     path = Path(path)
     metrics_file = path / f"{split}_metrics.json"
     if not metrics_file.is_file():
@@ -64,7 +71,7 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None) -> 
     metrics = json.loads(metrics_file.read_text())
     predictions_file = path / f"{split}_predictions.tsv"
     predictions = read_predictions(predictions_file) if predictions_file.is_file() else None
-    return RunResult(path, name or run_name(path), split, metrics, predictions)
+    return RunResult(path, name or run_name(path, describe), split, metrics, predictions)
 
 
 def read_predictions(path: Path) -> Predictions:
@@ -76,8 +83,9 @@ def read_predictions(path: Path) -> Predictions:
                        np.array([int(r["pred"]) for r in rows]), [r.get("speaker") or "" for r in rows])
 
 
-def run_name(path: Path) -> str:
-    """A row name from the run's launch arguments and its `-g` config; the directory name when they are gone."""
+def run_name(path: Path, describe: Describe | None = None) -> str:
+    """A row name from the run's launch arguments and its `-g` config (`describe`); the directory name when they
+    are gone."""
     launches = sorted(path.glob("args_*.yaml"))
     if not launches:
         return path.name
@@ -85,27 +93,12 @@ def run_name(path: Path) -> str:
     upstream, downstream = args.get("upstream", "?"), args.get("downstream", "")
     task = "" if downstream in ("msp_podcast_cat", "") else f" ({downstream})"
     config_path = args.get("upstream_model_config")
-    if upstream != "adaltm_wavlm" or not config_path or not Path(config_path).is_file():
+    described = (describe(Path(config_path)) if describe and upstream == "adaltm_wavlm" and config_path
+                 and Path(config_path).is_file() else None)
+    if described is None:
         trained = "fine-tuned" if args.get("upstream_trainable") else "frozen"
         return f"{upstream} {trained}{task}"
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    vectors = "+".join(config.get("task_vectors") or {}) or "no"
-    merge = config.get("merge") or {}
-    how = merge.get("granularity", "layerwise")
-    trained = ", merged weights trained" if merge.get("train_merged_weights") else ""
-    ops = _vector_ops_label(merge.get("vector_ops") or {})
-    return f"{vectors} vectors{ops}, {how} λ{trained}{task}"
-
-
-def _vector_ops_label(ops: dict) -> str:
-    """` (DARE p=0.5, TIES top 0.2)` for the task-vector operations of a `-g` config; empty without any."""
-    parts = [f"DARE p={ops['dare_p']:g}"] if ops.get("dare_p") is not None else []
-    trim = f" top {ops['trim_top_k']:g}" if ops.get("trim_top_k") is not None else ""
-    if ops.get("ties"):
-        parts.append(f"TIES{trim}")
-    elif trim:
-        parts.append(trim.strip())
-    return f" ({', '.join(parts)})" if parts else ""
+    return f"{described}{task}"
 
 
 def _aligned(a: RunResult, b: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

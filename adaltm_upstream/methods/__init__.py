@@ -1,12 +1,14 @@
-"""The merging methods the field compares against, as pure tensor functions: EMR-merging (`emr`), dataless
-Localize-and-Stitch (`localize_stitch`), TSV-Merge (`tsv`), Iso-C and Iso-CTS (`iso`) and TIES with its sign
-election and trimming over the whole model as FusionBench does it (`ties_model`).
+"""Merging methods: task-vector operations and λ constraints, one module each, registered by name (`registry`).
 
-Every method rewrites the task vectors τ_t into shares τ'_t such that the linear merge
-W = W_base + Σ_t λ_t τ'_t reproduces the method at equal λ_t = 1 (or at its scaling factor α for methods that
-have one), so it composes with every λ table. A method that needs statistics over the whole model (EMR's
-rescalers, a global top-k threshold, TIES' zero-sign majority) computes them from a stream of (tensor name, one
-tensor per task) pairs that it iterates once per pass: passes hold one name's tensors at a time, never the model.
-Each method's module states its source, its differences from that source and its rule for 1-D tensors and for
-the weight-normed positional convolution (g and v as stored by transformers).
+`base` (the interface), `registry` (names → classes; the config's lists), `pipeline` (the operations fitted to
+the vectors: τ → τ'), `trim`, `ties`, `dare`, `constraints` (clamp, softmax, sum_to_one), and the methods the field
+compares against: `emr` (EMR-merging), `localize_stitch` (dataless Localize-and-Stitch), `tsv` (TSV-Merge), `iso`
+(Iso-C, Iso-CTS) and `ties_model` (TIES over the whole model, as FusionBench runs it: `ties` with `scope: model`);
+`selection` (the exact streamed global top-k) and `tensors` (stacking, fixed threads) serve them.
+
+Every operation rewrites the task vectors τ_t into shares τ'_t such that the linear merge W = W_base + Σ_t λ_t τ'_t
+gives the method at equal λ_t (1, or the method's scaling factor α), so it composes with every λ table. Whole-model
+statistics (EMR's rescalers, a global top-k threshold, TIES' zero-sign majority) come from passes over the vectors
+streamed one name at a time, never the whole model at once. Each module states its source, its differences from
+that source and its rule for 1-D tensors and for the weight-normed positional convolution (g and v as stored).
 """
