@@ -70,6 +70,8 @@ class UpstreamConfig:
             extra = sorted(set(self.merge.init) - set(self.task_vectors))
             raise ConfigError(f"{key(where, 'merge.init')}: per-task values must match task_vectors "
                               f"(missing {missing}, unknown {extra})")
+        for i, op in enumerate(self.merge.vector_ops):
+            op.check_tasks(self.tasks, key(where, f"merge.vector_ops[{i}]"))
 
     @property
     def tasks(self) -> list[str]:

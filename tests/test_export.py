@@ -44,6 +44,13 @@ METHODS = {
                                                       "constraints": {"normalize": "softmax"}},
     "DARE, then a whole-model pass, frozen group 0": {
         "vector_ops": [{"name": "dare", "p": 0.3}, {"name": "unit_l1"}], "freeze_group0": True},
+    "EMR for ser": {"vector_ops": [{"name": "emr", "target": "ser"}]},
+    "Localize-and-Stitch, global": {"granularity": "global", "vector_ops": [{"name": "localize_stitch"}]},
+    "TSV-Merge, tensorwise": {"granularity": "tensorwise", "vector_ops": [{"name": "tsv"}]},
+    "Iso-C, clamped": {"vector_ops": [{"name": "iso_c"}], "constraints": [{"name": "clamp", "low": 0, "high": 1}]},
+    "Iso-CTS": {"vector_ops": [{"name": "iso_cts"}]},
+    "TIES over the model, DARE first": {"vector_ops": [{"name": "dare", "p": 0.2},
+                                                       {"name": "ties", "top_k": 0.2, "scope": "model"}]},
 }
 
 

@@ -166,7 +166,7 @@ def test_export_records_the_method(merge_setup, tmp_path):
                   "constraints": [{"name": "sum_to_one"}]}})
     out = export(str(config), None, tmp_path / "hf", "hf")
     provenance = json.loads((out / "adaltm_export.json").read_text())
-    assert provenance["vector_ops"] == [{"name": "ties", "top_k": 0.2, "aggregate": "mean"}]
+    assert provenance["vector_ops"] == [{"name": "ties", "top_k": 0.2, "aggregate": "mean", "scope": "tensor"}]
     assert provenance["constraints"] == [{"name": "sum_to_one"}]
     assert provenance["lambdas"][0] == [0.5, 0.5] and provenance["raw_lambdas"][0] == pytest.approx([0.4, 0.4])
 

@@ -263,7 +263,8 @@ def test_constraints_pass_gradients_inside_the_range_only():
     ([{"name": "dare", "p": 0.5}, {"name": "dare", "p": 0.5, "seed": 1.5}], r"ops\[1\]\.seed: expected an integer"),
     ([{"name": "ties", "aggregate": "max"}], r"ops\[0\]\.aggregate: must be one of mean, sum"),
     ([{"name": "ties", "k": 0.2}], r"ops\[0\]: unknown key\(s\) k"),
-    ([{"name": "drop"}], r"ops\[0\]\.name: unknown vector operation 'drop' \(known: dare, trim, ties\)"),
+    ([{"name": "drop"}], r"ops\[0\]\.name: unknown vector operation 'drop' \(known: dare, trim, ties, emr, "
+                         r"localize_stitch, tsv, iso_c, iso_cts\)"),
     ([{"top_k": 0.2}], r"ops\[0\]: expected a mapping with a name"),
     ("ties", r"ops: expected a list of vector operations"),
     ({"trim_top_k": 20}, r"ops\.trim_top_k: must be at most 1"),
@@ -304,7 +305,8 @@ def test_bad_lambda_constraints_name_their_field(spec, message):
 
 def test_specs_record_plain_values():
     assert record([Dare(p=0.5), Ties(top_k=0.2)]) == [{"name": "dare", "p": 0.5, "seed": 0, "rescale": True},
-                                                      {"name": "ties", "top_k": 0.2, "aggregate": "mean"}]
+                                                      {"name": "ties", "top_k": 0.2, "aggregate": "mean",
+                                                       "scope": "tensor"}]
     assert record(parse_constraints([{"name": "clamp", "low": 0, "high": 1}, {"name": "softmax"}], "c")) == [
         {"name": "clamp", "low": 0.0, "high": 1.0}, {"name": "softmax"}]
     recorded = record(parse_vector_ops({"ties": True, "trim_top_k": 0.2, "dare_p": 0.5}, "ops"))

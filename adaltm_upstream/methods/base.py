@@ -55,6 +55,9 @@ class VectorOp(Method):
         """How tables name the operation, e.g. `DARE p=0.5`."""
         raise NotImplementedError
 
+    def check_tasks(self, tasks: Sequence[str], where: str) -> None:
+        """Refuse parameters that name tasks the config lacks (raise `SettingsError` naming `where`'s field)."""
+
     def fit(self, vectors: VectorStream) -> Any:
         """Statistics of the whole model that `apply` needs (small: scalars, thresholds); only called when
         `whole_model` is set."""

@@ -29,10 +29,13 @@ unified vector is zero everywhere gets γ = 0 (FusionBench divides by zero).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from adaltm_core.settings import SettingsError, key
+from adaltm_upstream.methods.base import VectorOp, VectorStream
 from adaltm_upstream.methods.tensors import Stream, Values, stack, unstack
 
 
@@ -78,3 +81,28 @@ def shares(values: Values, target: int, rescaler: float) -> list[torch.Tensor]:
     tasks = torch.arange(len(values)).view(-1, *[1] * (stacked.dim() - 1))
     owned = elected.masks[target] & (elected.winner == tasks)
     return unstack(torch.where(owned, stacked * rescaler, 0.0), values)
+
+
+@dataclass(frozen=True)
+class Emr(VectorOp):
+    """`{name: emr, target: ser}`: the target task's EMR-modulated vector, as shares by supplying task."""
+
+    name = "emr"
+    whole_model = True
+    target: str
+
+    def label(self) -> str:
+        return f"EMR for {self.target}"
+
+    def check_tasks(self, tasks: Sequence[str], where: str) -> None:
+        if self.target not in tasks:
+            raise SettingsError(f"{key(where, 'target')}: {self.target!r} is not one of the task_vectors "
+                                f"({', '.join(tasks) or 'none'})")
+
+    def fit(self, vectors: VectorStream) -> float:
+        """γ of the target task."""
+        self.check_tasks(vectors.tasks, "emr")
+        return rescalers(vectors, len(vectors.tasks))[list(vectors.tasks).index(self.target)]
+
+    def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: float) -> Values:
+        return shares(values, list(tasks).index(self.target), fitted)

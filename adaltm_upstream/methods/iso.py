@@ -27,8 +27,12 @@ Differences: Iso-CTS's common size is at least 0 (`subspace_sizes`). Iso-C sums 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import torch
 
+from adaltm_upstream.methods.base import VectorOp
 from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, unstack
 
 DEFAULT_COMMON_FRACTION = 0.8  # FusionBench's config/method/isotropic_merging/iso_cts.yaml
@@ -77,3 +81,30 @@ def iso_cts_shares(values: Values, common_fraction: float = DEFAULT_COMMON_FRACT
         shared = blocks[-1] / num_tasks
         parts = torch.stack([block + shared for block in blocks[:-1]])
     return unstack(parts, values)
+
+
+@dataclass(frozen=True)
+class IsoC(VectorOp):
+    """`{name: iso_c}`: Iso-C; its scaling factor α is λ (FusionBench's `scaling_factor: 1.0` at λ = 1)."""
+
+    name = "iso_c"
+
+    def label(self) -> str:
+        return "Iso-C"
+
+    def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: None) -> Values:
+        return iso_c_shares(values)
+
+
+@dataclass(frozen=True)
+class IsoCts(VectorOp):
+    """`{name: iso_cts, common_space_fraction: 0.8}`: Iso-CTS (FusionBench's parameter name and default)."""
+
+    name = "iso_cts"
+    common_space_fraction: float = field(default=DEFAULT_COMMON_FRACTION, metadata={"gt": 0, "max": 1})
+
+    def label(self) -> str:
+        return f"Iso-CTS common {self.common_space_fraction:g}"
+
+    def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: None) -> Values:
+        return iso_cts_shares(values, self.common_space_fraction)

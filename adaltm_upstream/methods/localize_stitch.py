@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from adaltm_upstream.methods.base import VectorOp, VectorStream
 from adaltm_upstream.methods.selection import kth_largest_magnitudes, threshold_masks
 from adaltm_upstream.methods.tensors import Stream, Values, stack, unstack
 
@@ -52,3 +54,21 @@ def shares(values: Values, task_thresholds: Sequence[float]) -> list[torch.Tenso
     count = masks.sum(0, dtype=torch.float32)
     weight = torch.where(count > 0, count.reciprocal(), 0.0)
     return unstack(torch.where(masks, stacked * weight, 0.0), values)
+
+
+@dataclass(frozen=True)
+class LocalizeStitch(VectorOp):
+    """`{name: localize_stitch, sparsity: 0.1}`: each task's top 10 % of the whole model by magnitude, stitched."""
+
+    name = "localize_stitch"
+    whole_model = True
+    sparsity: float = field(default=DEFAULT_SPARSITY, metadata={"gt": 0, "max": 1})
+
+    def label(self) -> str:
+        return f"Localize-and-Stitch top {self.sparsity:g}"
+
+    def fit(self, vectors: VectorStream) -> list[float]:
+        return thresholds(vectors, self.sparsity, len(vectors.tasks))
+
+    def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: list[float]) -> Values:
+        return shares(values, fitted)

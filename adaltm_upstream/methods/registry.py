@@ -21,10 +21,15 @@ from adaltm_core.settings import SettingsError, key, parse
 from adaltm_upstream.methods.base import LambdaConstraint, Method, VectorOp
 from adaltm_upstream.methods.constraints import Clamp, Softmax, SumToOne
 from adaltm_upstream.methods.dare import Dare
+from adaltm_upstream.methods.emr import Emr
+from adaltm_upstream.methods.iso import IsoC, IsoCts
+from adaltm_upstream.methods.localize_stitch import LocalizeStitch
 from adaltm_upstream.methods.ties import Ties
 from adaltm_upstream.methods.trim import TOP_K, Trim
+from adaltm_upstream.methods.tsv import Tsv
 
-VECTOR_OPS: dict[str, type[VectorOp]] = {method.name: method for method in (Dare, Trim, Ties)}
+VECTOR_OPS: dict[str, type[VectorOp]] = {method.name: method
+                                         for method in (Dare, Trim, Ties, Emr, LocalizeStitch, Tsv, IsoC, IsoCts)}
 LAMBDA_CONSTRAINTS: dict[str, type[LambdaConstraint]] = {method.name: method for method in (Clamp, Softmax, SumToOne)}
 
 M = TypeVar("M", bound=Method)

@@ -4,11 +4,12 @@ passes' type, a fixed thread count for numerics whose result depends on it, and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 
-Values = Sequence[torch.Tensor | None]
+from adaltm_upstream.methods.base import Values
+
 # The whole model as (canonical tensor name, one tensor per task; None where a task lacks it), one name at a time;
 # iterable any number of times (each iteration is one pass).
 Stream = Iterable[tuple[str, Values]]

@@ -6,9 +6,11 @@ on A and 0 elsewhere. Then Σ_t τ'_t is TIES's disjoint mean, so equal λ_t = �
 (up to float rounding); unequal (learned) λ_t weight each agreeing task's share. `aggregate: sum` leaves out the
 division (FusionBench's default `merge_func`). `top_k: null` skips the trimming.
 
-Per tensor: the trimming (`trim`), and a zero sign sum resolved by the tensor's majority elected sign, then +1.
-FusionBench (tanganke/fusion_bench@54c9e8c, method/ties_merging/ties_merging_utils.py) does both over the whole
-flattened model; mergekit (arcee-ai/mergekit@a6e4028, merge_methods/generalized_task_arithmetic.py) per tensor.
+Per tensor (`scope: tensor`, the default): the trimming (`trim`), and a zero sign sum resolved by the tensor's
+majority elected sign, then +1, as mergekit (arcee-ai/mergekit@a6e4028, merge_methods/generalized_task_arithmetic.py)
+does. `scope: model` is FusionBench's TIES exactly (tanganke/fusion_bench@54c9e8c,
+method/ties_merging/ties_merging_utils.py): trimming and the zero-sign majority over the whole flattened model,
+found in streamed passes (`ties_model`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from adaltm_upstream.methods.base import Values, VectorOp
+from adaltm_upstream.methods import ties_model
+from adaltm_upstream.methods.base import Values, VectorOp, VectorStream
 from adaltm_upstream.methods.trim import TOP_K, trim
 
 
@@ -48,11 +51,22 @@ class Ties(VectorOp):
     name = "ties"
     top_k: float | None = field(default=None, metadata=TOP_K)
     aggregate: Literal["mean", "sum"] = "mean"
+    scope: Literal["tensor", "model"] = "tensor"
+
+    @property
+    def whole_model(self) -> bool:  # type: ignore[override]  (a parameter decides it)
+        return self.scope == "model"
 
     def label(self) -> str:
-        return "TIES" if self.top_k is None else f"TIES top {self.top_k:g}"
+        base = "TIES" if self.top_k is None else f"TIES top {self.top_k:g}"
+        return f"{base} over the model" if self.whole_model else base
+
+    def fit(self, vectors: VectorStream) -> ties_model.Statistics:
+        return ties_model.statistics(vectors, 1.0 if self.top_k is None else self.top_k, len(vectors.tasks))
 
     def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: Any) -> Values:
+        if self.whole_model:
+            return ties_model.shares(values, fitted, self.aggregate)
         present = [t for t, value in enumerate(values) if value is not None]
         if not present:
             return list(values)

@@ -25,8 +25,12 @@ fixed thread count (`tensors.fixed_threads`) so that training and export compute
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
+from adaltm_upstream.methods.base import VectorOp
 from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, unstack
 
 
@@ -54,3 +58,16 @@ def shares(values: Values) -> list[torch.Tensor]:
         parts = [u_all[:, t * k:(t + 1) * k] @ torch.diag(ss[t]) @ vh_all[t * k:(t + 1) * k]
                  for t in range(num_tasks)]
     return unstack(torch.stack(parts), values)
+
+
+@dataclass(frozen=True)
+class Tsv(VectorOp):
+    """`{name: tsv}`: TSV-Merge; its α is λ (FusionBench's `alpha: 1` at λ = 1)."""
+
+    name = "tsv"
+
+    def label(self) -> str:
+        return "TSV-Merge"
+
+    def apply(self, name: str, values: Values, tasks: Sequence[str], fitted: None) -> Values:
+        return shares(values)
