@@ -84,7 +84,11 @@ def test_quick_demo_end_to_end(tmp_path):
                      "Adaptive layer-wise merging (ours)", "HarmoniFuse (fine-tuned backbone, paper fusion)",
                      "TIES-merging (top 20 %, static λ = 0.5)", "DARE (p = 0.5, static λ = 0.5)",
                      "AdaMerging, label-free (tensorwise λ, SER model's frozen head)",
-                     "HarmoniFuse (fine-tuned backbone, extended fusion: ours)"]
+                     "HarmoniFuse (fine-tuned backbone, extended fusion: ours)",
+                     "TIES over the whole model (FusionBench's: top 20 %, disjoint sum, static λ = 0.5)",
+                     "EMR-merging for SER (static λ = 0.5)", "EMR-merging for SER (layer-wise λ from 1)",
+                     "Localize-and-Stitch, dataless (top 10 %, static λ = 0.5)", "TSV-Merge (static λ = 0.5)",
+                     "TSV-Merge (layer-wise λ from 1)", "Iso-C (static λ = 0.5)", "Iso-CTS (static λ = 0.5)"]
     for expected in expected_rows:
         assert expected in names
     grid = json.loads((out / "runs" / "task_arithmetic" / "grid.json").read_text())
@@ -103,6 +107,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert base["adaltm_pretraining"]["objective"].startswith("masked prediction")       # pretrained, not random
     tasks, lambdas = read_lambdas(torch_load(out / "runs" / "dual_layerwise" / "dev-best.ckpt")["Upstream"])
     assert lambdas.shape == (base["cfg"]["encoder_layers"] + 1, 2)     # every layer group, CNN included, learned
+    emr_states = torch_load(out / "runs" / "emr_layerwise" / "dev-best.ckpt")["Upstream"]
+    assert emr_states["_extra_state"]["vector_ops"] == [{"name": "emr", "target": "ser"}]
+    assert read_lambdas(emr_states)[1].shape == lambdas.shape             # the preset's method, λ per layer
     assert "rows in" in done.stdout
 
     again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],

@@ -49,6 +49,7 @@ class Row:
     setup: str                            # configs/upstream/<setup>.yaml
     downstream: str = "msp_podcast_cat"
     fusion: str = "paper"                 # harmonifuse only: `fusion.variant`
+    merge: tuple[tuple[str, object], ...] = ()   # replaces these keys of the setup's `merge` (e.g. granularity)
 
     @property
     def wer(self) -> bool:
@@ -73,6 +74,19 @@ ROWS = (
 EXTRA_ROWS = (
     Row("TIES-merging (top 20 %, static λ = 0.5)", "dual_ties", "dual_ties"),
     Row("DARE (p = 0.5, static λ = 0.5)", "dual_dare", "dual_dare"),
+    # issue 27: the methods the field compares against, at λ = 0.5 like the rows above, and with λ learned per layer
+    # from the method's own λ = 1 where each task keeps a share of its own (EMR, TSV-Merge)
+    Row("TIES over the whole model (FusionBench's: top 20 %, disjoint sum, static λ = 0.5)", "ties_fusionbench",
+        "dual_ties_fusionbench", merge=(("init", 0.5),)),
+    Row("EMR-merging for SER (static λ = 0.5)", "emr_static", "dual_emr", merge=(("init", 0.5),)),
+    Row("EMR-merging for SER (layer-wise λ from 1)", "emr_layerwise", "dual_emr",
+        merge=(("granularity", "layerwise"),)),
+    Row("Localize-and-Stitch, dataless (top 10 %, static λ = 0.5)", "localize_stitch", "dual_localize_stitch",
+        merge=(("init", 0.5),)),
+    Row("TSV-Merge (static λ = 0.5)", "tsv_static", "dual_tsv", merge=(("init", 0.5),)),
+    Row("TSV-Merge (layer-wise λ from 1)", "tsv_layerwise", "dual_tsv", merge=(("granularity", "layerwise"),)),
+    Row("Iso-C (static λ = 0.5)", "iso_c", "dual_iso_c", merge=(("init", 0.5),)),
+    Row("Iso-CTS (static λ = 0.5)", "iso_cts", "dual_iso_cts", merge=(("init", 0.5),)),
     Row("AdaMerging, label-free (tensorwise λ, SER model's frozen head)", "adamerging", "dual_adamerging",
         "msp_podcast_adamerging"),
     Row("HarmoniFuse (fine-tuned backbone, extended fusion: ours)", "harmonifuse_extended", "mtl_from_base",

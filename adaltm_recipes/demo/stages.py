@@ -78,13 +78,17 @@ class Demo:
         atomic_write_text(path, yaml.safe_dump(packaged, sort_keys=False))
         return path
 
-    def _upstream(self, setup: str) -> Path:
+    def _upstream(self, setup: str, row: Row | None = None) -> Path:
         """configs/upstream/<setup>.yaml with the demo's base and vectors: a vector file is matched by its name
-        (`/vectors/ser.safetensors` -> this demo's `vectors/ser.safetensors`); everything else is the paper's."""
+        (`/vectors/ser.safetensors` -> this demo's `vectors/ser.safetensors`); everything else is the paper's, or
+        the row's `merge` keys."""
         config = yaml.safe_load((UPSTREAM_CONFIGS / f"{setup}.yaml").read_text())
         config["base"] = str(self.base)
         config["task_vectors"] = {task: str(self.vectors[Path(path).stem])
                                   for task, path in (config.get("task_vectors") or {}).items()}
+        if row is not None and row.merge:
+            config["merge"].update(dict(row.merge))
+            setup = row.run
         path = self.out / "configs" / f"upstream_{setup}.yaml"
         atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
         return path
@@ -167,7 +171,7 @@ class Demo:
         if row.downstream == "harmonifuse":
             extra["fusion"] = {"variant": row.fusion, **({"prompt_dim": 32} if row.fusion == "extended" else {})}
         config = self._config(row.run, row.downstream, self.row_steps(row), datarc, **extra)
-        self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup))],
+        self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup, row))],
                              row.downstream, config)
 
     def task_arithmetic(self) -> dict:
