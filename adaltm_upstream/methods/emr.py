@@ -50,8 +50,13 @@ class Elected:
 def elect(stacked: torch.Tensor) -> Elected:
     sign = torch.where(stacked.sum(0) > 0, 1.0, -1.0)
     masks = stacked * sign > 0
-    agreeing = torch.where(masks, stacked.abs(), 0.0)
-    largest, winner = agreeing.max(0)  # the first maximal index, like FusionBench's strict `>` update
+    largest = torch.zeros_like(sign)
+    winner = torch.zeros(sign.shape, dtype=torch.uint8)
+    for t, (tau, mask) in enumerate(zip(stacked, masks)):  # FusionBench's strict `>`: a tie stays with the first
+        value = torch.where(mask, tau.abs(), 0.0)
+        larger = value > largest
+        largest = torch.where(larger, value, largest)
+        winner.masked_fill_(larger, t)
     return Elected(sign, masks, largest * sign, winner)
 
 
