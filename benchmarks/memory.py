@@ -8,6 +8,9 @@ fine-tuned copies, one unilm and one transformers directory), then runs, one pro
   build_frozen                `adaltm_wavlm` with no task vectors (the frozen-backbone baseline)
   build_adaltm                `adaltm_wavlm` with base + 2 task vectors (the AdaLTM upstream)
   export_hf / export_s3prl    `adaltm export --init` in both formats
+  build_<method>              build_adaltm with one of the merging methods of issue 27 (`METHOD_BUILDS`): their
+                              whole-model passes and per-matrix SVDs on top of the build; by default the two with
+                              the largest peak and time at 8 × 512 (Iso-CTS, TSV-Merge), the others with --steps
 
 For each: wall time, the peak RSS of the process (VmHWM), its RSS right after the imports (the interpreter, torch
 and transformers: ~0.7 GB that no step can avoid), and `ratio` = (peak − after imports) / minimum, where minimum is
@@ -33,7 +36,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STEPS = ("extract_asr", "extract_ser", "inspect", "build_frozen", "build_adaltm", "export_hf", "export_s3prl")
+# build_adaltm's config with `merge.vector_ops` (the EMR target is the second task, as in the presets)
+METHOD_BUILDS = {"build_emr": [{"name": "emr", "target": "ser"}],
+                 "build_localize_stitch": [{"name": "localize_stitch"}],
+                 "build_tsv": [{"name": "tsv"}], "build_iso_c": [{"name": "iso_c"}],
+                 "build_iso_cts": [{"name": "iso_cts"}],
+                 "build_ties_model": [{"name": "ties", "top_k": 0.2, "aggregate": "sum", "scope": "model"}]}
+DEFAULT_METHOD_BUILDS = ("build_tsv", "build_iso_cts")
+STEPS = ("extract_asr", "extract_ser", "inspect", "build_frozen", "build_adaltm", "export_hf", "export_s3prl",
+         *METHOD_BUILDS)
+DEFAULT_STEPS = [step for step in STEPS if step not in METHOD_BUILDS or step in DEFAULT_METHOD_BUILDS]
 TARGET = 1.15  # issue 14: peak ≤ 1.15× the tensors' bytes
 
 
@@ -101,9 +113,10 @@ def write_checkpoints(directory: Path, layers: int, width: int, finetuned: bool 
         del delta
     (directory / "frozen.yaml").write_text(yaml.safe_dump({"base": "base.pt", "task_vectors": {},
                                                            "merge": {"granularity": "static"}}))
-    (directory / "adaltm.yaml").write_text(yaml.safe_dump({
-        "base": "base.pt", "task_vectors": {"asr": "asr.safetensors", "ser": "ser.safetensors"},
-        "merge": {"granularity": "layerwise", "init": 0.5}}))
+    for name, ops in {"adaltm": [], **METHOD_BUILDS}.items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump({
+            "base": "base.pt", "task_vectors": {"asr": "asr.safetensors", "ser": "ser.safetensors"},
+            "merge": {"granularity": "layerwise", "init": 0.5, **({"vector_ops": ops} if ops else {})}}))
     one_copy = sum(4 * v.numel() for v in base.values())
     return {"one_copy": one_copy, "parameters": one_copy // 4}
 
@@ -122,6 +135,7 @@ def step_command(step: str, directory: Path) -> tuple[list[str] | None, str | No
         "export_hf": (["export", "-g", f"{d}/adaltm.yaml", "--init", "-o", f"{d}/merged_hf", "--format", "hf"], None),
         "export_s3prl": (["export", "-g", f"{d}/adaltm.yaml", "--init", "-o", f"{d}/merged.pt", "--format",
                           "s3prl"], None),
+        **{build: (None, f"{d}/{build}.yaml") for build in METHOD_BUILDS},
     }[step]
 
 
@@ -159,7 +173,7 @@ def measure(step: str, directory: Path, env: dict | None = None) -> dict:
 
 
 def minimum(step: str, one_copy: int) -> int:
-    return {"build_adaltm": 3 * one_copy}.get(step, one_copy)
+    return {"build_adaltm": 3 * one_copy, **dict.fromkeys(METHOD_BUILDS, 3 * one_copy)}.get(step, one_copy)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--dir", type=Path, help="where the checkpoints go (default: a temporary directory)")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=DEFAULT_STEPS)
     parser.add_argument("--output", type=Path, help="result JSON (default: benchmarks/results/<date>-memory-*.json)")
     parser.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                           "after_imports_gb": round(found["after_imports"] / 1e9, 3),
                           "added_gb": round(added / 1e9, 3), "minimum_gb": round(need / 1e9, 3),
                           "ratio": round(added / need, 3), "ratio_total": round(found["peak"] / need, 3)}
-            print(f"{step:13s} {found['wall_s']:7.1f} s  peak {found['peak'] / 1e9:6.2f} GB  after imports "
+            print(f"{step:21s} {found['wall_s']:7.1f} s  peak {found['peak'] / 1e9:6.2f} GB  after imports "
                   f"{found['after_imports'] / 1e9:5.2f} GB  minimum {need / 1e9:5.2f} GB  ratio {added / need:5.3f}",
                   flush=True)
     import torch
