@@ -103,6 +103,20 @@ def test_resume_with_other_parameters_is_refused(merge_setup, method, other):
         make(merge_setup, "layerwise", other).load_state_dict(state)
 
 
+def test_export_with_other_parameters_than_the_states_is_refused(merge_setup, tmp_path, capsys):
+    def config(target):
+        return write_yaml(tmp_path / f"{target}.yaml", {
+            "base": str(merge_setup["base"]), "task_vectors": {t: str(merge_setup[t]) for t in TASKS},
+            "merge": {"granularity": "layerwise", "vector_ops": [{"name": "emr", "target": target}]}})
+
+    torch.save({"Upstream": make_from(config("ser")).state_dict(), "Step": 1}, tmp_path / "states-1.ckpt")
+    with pytest.raises(SystemExit) as exited:
+        cli(["export", "-g", str(config("asr")), "--states", str(tmp_path / "states-1.ckpt"), "-o",
+             str(tmp_path / "hf"), "--format", "hf"])
+    assert exited.value.code == 2 and not (tmp_path / "hf").exists()
+    assert "other task-vector operations" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ops, field", [
     ([{"name": "emr", "target": "emotion"}], r"merge.vector_ops\[0\].target: 'emotion' is not one of the "
                                              r"task_vectors \(asr, ser\)"),
