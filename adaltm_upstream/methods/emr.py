@@ -36,7 +36,7 @@ import torch
 
 from adaltm_core.settings import SettingsError, key
 from adaltm_upstream.methods.base import VectorOp, VectorStream
-from adaltm_upstream.methods.tensors import Stream, Values, stack, unstack
+from adaltm_upstream.methods.tensors import Stream, Values, fixed_threads, stack, unstack
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def elect(stacked: torch.Tensor) -> Elected:
 
 
 def rescalers(stream: Stream, num_tasks: int) -> list[float]:
-    """γ_t for every task, in float32 (what multiplies the fp32 shares), from one pass over the model."""
+    """γ_t for every task, in float32 (what multiplies the fp32 shares), from one pass over the model. The
+    per-tensor sums run on a fixed thread count: a float64 sum's rounding depends on how threads split it."""
     before: list[list[float]] = [[] for _ in range(num_tasks)]
     after: list[list[float]] = [[] for _ in range(num_tasks)]
     for _, values in stream:
@@ -69,9 +70,10 @@ def rescalers(stream: Stream, num_tasks: int) -> list[float]:
         elected = elect(stacked)
         flat = stacked.reshape(num_tasks, -1)
         masked = torch.where(elected.masks, elected.unified, 0.0).reshape(num_tasks, -1)
-        for t in range(num_tasks):
-            before[t].append(float(flat[t].abs().sum(dtype=torch.float64)) / flat.shape[1])
-            after[t].append(float(masked[t].abs().sum(dtype=torch.float64)) / flat.shape[1])
+        with fixed_threads():
+            for t in range(num_tasks):
+                before[t].append(float(flat[t].abs().sum(dtype=torch.float64)) / flat.shape[1])
+                after[t].append(float(masked[t].abs().sum(dtype=torch.float64)) / flat.shape[1])
     gammas = []
     for b, a in zip(before, after):
         denominator = math.fsum(a)

@@ -55,7 +55,8 @@ def _task_keys(values) -> torch.Tensor:
 def kth_largest_magnitudes(stream: Stream, rank: Callable[[int], int | None],
                            num_tasks: int) -> list[float] | None:
     """Per task, the rank(d)-th largest |τ_t| over the whole model, d being the model's entry count (a tensor a
-    task lacks counts as zeros); None where rank(d) is None (no threshold: everything is kept)."""
+    task lacks counts as zeros); None when rank(d) is None (no threshold: everything is kept). Integer counts:
+    the result does not depend on the order of the tensors or on threads."""
     high = torch.zeros(num_tasks, HIGH_BINS, dtype=torch.int64)
     numel = 0
     for _, values in stream:

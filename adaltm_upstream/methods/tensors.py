@@ -31,9 +31,9 @@ def unstack(shares: torch.Tensor, values: Values) -> list[torch.Tensor | None]:
 
 @contextlib.contextmanager
 def fixed_threads(count: int = 1) -> Iterator[None]:
-    """MKL's SVD (and some reductions) give different bits on different thread counts (measured: a 1024×4096 SVD
-    on 1 vs 2 threads). Training, every DDP rank and `export` must compute the same shares, whatever thread
-    count their process runs with, so thread-sensitive method math runs on a fixed count."""
+    """MKL's SVD and matrix products, and float sums, give different bits on different thread counts (measured:
+    a 1024×4096 SVD on 1 vs 2 threads). Training, every DDP rank and `export` must compute the same shares,
+    whatever thread count their process runs with, so thread-sensitive method math runs on a fixed count."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
