@@ -281,6 +281,29 @@ def test_a_task_without_the_tensor_counts_as_zero_and_gets_no_share():
         tensors.stack([None, None])
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+def test_the_polar_factor_from_the_gram_matrix_equals_the_svds(shape):
+    """Oracle: P Qᵀ of torch's SVD; the factor is orthonormal and its Gram-matrix form agrees with it."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    factor = tensors.polar_by_gram(x)
+    torch.testing.assert_close(factor, p @ qh, atol=1e-5, rtol=0)
+    small = min(shape)
+    gram = factor @ factor.T if shape[0] == small else factor.T @ factor
+    torch.testing.assert_close(gram, torch.eye(small), atol=1e-5, rtol=0)
+
+
+def test_nearest_orthogonal_falls_back_to_the_gram_form_where_the_svd_does_not_converge(monkeypatch):
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(5))
+    by_svd = tensors.nearest_orthogonal(x)
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_convergence)
+    torch.testing.assert_close(tensors.nearest_orthogonal(x), by_svd, atol=1e-5, rtol=0)
+
+
 def test_svd_methods_give_the_same_bits_whatever_the_callers_thread_count():
     """MKL's SVD differs between 1 and 2 threads on matrices this size; the shares must not."""
     generator = torch.Generator().manual_seed(2)

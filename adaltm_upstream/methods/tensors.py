@@ -43,6 +43,23 @@ def fixed_threads(count: int = 1) -> Iterator[None]:
 
 
 def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
-    """P Qᵀ from matrix = P Σ Qᵀ: the orthogonal factor of its polar decomposition (TSV-Merge's decorrelation)."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    """P Qᵀ from matrix = P Σ Qᵀ: the orthogonal factor of its polar decomposition (TSV-Merge's decorrelation),
+    by SVD as FusionBench computes it. MKL's SVD can fail to converge on the nearly orthonormal blocks Iso-CTS
+    stacks (it did on a WavLM-Large-sized model, where FusionBench's same call would stop the merge); then the
+    same factor comes from the Gram matrix (`polar_by_gram`)."""
+    try:
+        p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return polar_by_gram(matrix)
     return p @ qh
+
+
+def polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """X (XᵀX)^(-1/2) for a tall X (the transpose's, transposed, for a wide one), in float64: the polar factor of
+    a full-rank X, accurate where XᵀX is well conditioned, as for the near-orthonormal blocks that need it."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = (matrix.T if wide else matrix).double()
+    values, vectors = torch.linalg.eigh(tall.T @ tall)
+    floor = values.max().clamp(min=torch.finfo(torch.float64).tiny) * torch.finfo(torch.float64).eps
+    factor = tall @ (vectors * values.clamp(min=floor).rsqrt()) @ vectors.T
+    return (factor.T if wide else factor).to(matrix.dtype)
