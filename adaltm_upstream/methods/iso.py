@@ -22,7 +22,9 @@ convolution's weight-norm g and v): the mean of the tasks, as in FusionBench, so
 
 Differences: Iso-CTS's common size is at least 0 (`subspace_sizes`). Iso-C sums the task vectors directly
 (FusionBench divides the sum by T and multiplies it back, one float32 rounding apart); products are not formed by
-`multi_dot`; SVDs run on a fixed thread count (`tensors.fixed_threads`). Results agree to float32 rounding.
+`multi_dot`; SVDs run on a fixed thread count (`tensors.fixed_threads`), and where MKL's SVD does not converge
+(FusionBench's call then stops) they come from the Gram matrix (`tensors.top_triplets`). Results agree to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adaltm_upstream.methods.base import VectorOp
-from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, unstack
+from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, top_triplets, unstack
 
 DEFAULT_COMMON_FRACTION = 0.8  # FusionBench's config/method/isotropic_merging/iso_cts.yaml
 
@@ -44,7 +46,7 @@ def iso_c_shares(values: Values) -> list[torch.Tensor]:
     if stacked.dim() != 3:
         return unstack(stacked / num_tasks, values)
     with fixed_threads():
-        u, s, vh = torch.linalg.svd(stacked.sum(0), full_matrices=False)
+        u, s, vh = top_triplets(stacked.sum(0), min(stacked.shape[1:]))
         merged = s.mean() * (u @ vh)
     return unstack((merged / num_tasks).expand_as(stacked), values)
 
@@ -64,17 +66,16 @@ def iso_cts_shares(values: Values, common_fraction: float = DEFAULT_COMMON_FRACT
         return unstack(stacked / num_tasks, values)
     common, per_task = subspace_sizes(min(stacked.shape[1:]), num_tasks, common_fraction)
     with fixed_threads():
-        u, s, vh = torch.linalg.svd(stacked.sum(0), full_matrices=False)
-        u_c = u[:, :common]
+        u_c, s_c, vh_c = top_triplets(stacked.sum(0), common)
         us, ss, vhs = [], [], []
         for tau in stacked:
-            u_t, s_t, vh_t = torch.linalg.svd(tau - u_c @ (u_c.T @ tau), full_matrices=False)
-            us.append(u_t[:, :per_task])
-            ss.append(s_t[:per_task])
-            vhs.append(vh_t[:per_task])
+            u_t, s_t, vh_t = top_triplets(tau - u_c @ (u_c.T @ tau), per_task)
+            us.append(u_t)
+            ss.append(s_t)
+            vhs.append(vh_t)
         u_all = nearest_orthogonal(torch.cat(us + [u_c], dim=1))
-        vh_all = nearest_orthogonal(torch.cat(vhs + [vh[:common]], dim=0))
-        sigma = torch.cat(ss + [s[:common]]).mean()
+        vh_all = nearest_orthogonal(torch.cat(vhs + [vh_c], dim=0))
+        sigma = torch.cat(ss + [s_c]).mean()
         blocks = [sigma * (u_all[:, b:b + size] @ vh_all[b:b + size])
                   for b, size in [(t * per_task, per_task) for t in range(num_tasks)]
                   + [(num_tasks * per_task, common)]]

@@ -42,11 +42,36 @@ def fixed_threads(count: int = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def top_triplets(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U[:, :k], S[:k], Vh[:k]) of `matrix`, by `torch.linalg.svd` as FusionBench computes them. MKL's SVD
+    (LAPACK gesdd) sometimes fails to converge: it did twice while building Iso-CTS for a WavLM-Large-sized model
+    (the benchmark's random vectors), where FusionBench's same call stops the merge. Then the triplets come from
+    the eigenvectors of the smaller Gram matrix in float64 (`triplets_by_gram`), the same ones to rounding."""
+    try:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return triplets_by_gram(matrix, k)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def triplets_by_gram(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top k singular triplets from `eigh` of X Xᵀ (or Xᵀ X, the smaller) in float64: σ = √λ, and the other
+    side's vectors Xᵀu/σ (0 where σ = 0, where a direction carries nothing)."""
+    x = matrix.double()
+    wide = x.shape[0] <= x.shape[1]
+    values, vectors = torch.linalg.eigh(x @ x.T if wide else x.T @ x)     # ascending
+    top = vectors.flip(1)[:, :k]
+    s = values.flip(0)[:k].clamp(min=0).sqrt()
+    inverse = torch.where(s > 0, 1 / s, 0.0)
+    other = (x.T @ top if wide else x @ top) * inverse
+    u, vh = (top, other.T) if wide else (other, top.T)
+    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
 def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
     """P Qᵀ from matrix = P Σ Qᵀ: the orthogonal factor of its polar decomposition (TSV-Merge's decorrelation),
-    by SVD as FusionBench computes it. MKL's SVD can fail to converge on the nearly orthonormal blocks Iso-CTS
-    stacks (it did on a WavLM-Large-sized model, where FusionBench's same call would stop the merge); then the
-    same factor comes from the Gram matrix (`polar_by_gram`)."""
+    by SVD as FusionBench computes it; where MKL's SVD does not converge (it did not on one of Iso-CTS's stacked,
+    nearly orthonormal blocks), from the Gram matrix (`polar_by_gram`)."""
     try:
         p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from adaltm_upstream.methods.base import VectorOp
-from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, unstack
+from adaltm_upstream.methods.tensors import Values, fixed_threads, nearest_orthogonal, stack, top_triplets, unstack
 
 
 def block_size(rank: int, num_tasks: int) -> int:
@@ -50,10 +50,10 @@ def shares(values: Values) -> list[torch.Tensor]:
     with fixed_threads():
         us, ss, vhs = [], [], []
         for tau in stacked:
-            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-            us.append(u[:, :k])
-            ss.append(s[:k])
-            vhs.append(vh[:k])
+            u, s, vh = top_triplets(tau, k)
+            us.append(u)
+            ss.append(s)
+            vhs.append(vh)
         u_all, vh_all = nearest_orthogonal(torch.cat(us, dim=1)), nearest_orthogonal(torch.cat(vhs, dim=0))
         parts = [u_all[:, t * k:(t + 1) * k] @ torch.diag(ss[t]) @ vh_all[t * k:(t + 1) * k]
                  for t in range(num_tasks)]
