@@ -15,10 +15,10 @@ def selected_checkpoint(expdir: str | Path) -> Path:
     best = expdir / "dev-best.ckpt"
     if best.is_file():
         return best
-    states = sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
-    if not states:
+    saved = sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not saved:
         raise UserError(f"{expdir}: no dev-best.ckpt or states-*.ckpt in this experiment directory")
-    return states[-1]
+    return saved[-1]
 
 
 def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]], bool]:
