@@ -6,6 +6,10 @@ MSP-like (neutral and happiness common; fear, contempt, disgust rare) plus X (no
 five simulated annotators vote, mostly for the intended class. Sentences follow a template
 ("verb the colour object number") and are the transcripts. The out-of-domain ASR corpus (the LibriSpeech role)
 has neutral prosody only, other voices and other sentences.
+
+espeak-ng is not bit-deterministic every time (seen once: the first rendering on a fresh machine differed from
+every later one in 28,239 of 32,124 samples), so each utterance is rendered until two renderings agree byte for
+byte: the same seed gives the same corpus on every run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import csv
 import random
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +64,33 @@ def _sentence(words: tuple[list[str], ...], rng: random.Random, in_domain: bool)
     return f"{parts[0]} the {parts[1]} {parts[2]} {parts[3]}" if in_domain else " ".join(parts)
 
 
-def _synthesise(text: str, voice: str, pitch: int, speed: int, amplitude: int, pitch_range: str, out: Path) -> None:
+def render(text: str, voice: str, pitch: int, speed: int, amplitude: int, pitch_range: str, out: Path) -> None:
+    """One rendering of an utterance: espeak-ng's speech, resampled to 16 kHz mono 16-bit and trimmed by sox."""
     ssml = f"<speak><prosody range='{pitch_range}'>{text}</prosody></speak>"
     speech = subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude),
                              "-m", "--stdout", ssml], capture_output=True, check=True).stdout
     subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out),
                     "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"],
                    input=speech, capture_output=True, check=True)
+
+
+RENDER_ATTEMPTS = 5
+
+
+def _synthesise(job: tuple, out: Path) -> None:
+    """Render `job` until one rendering has come out twice, and keep that one (atomically, at `out`)."""
+    seen: list[bytes] = []
+    with tempfile.TemporaryDirectory(prefix=".render-", dir=out.parent) as scratch:
+        for attempt in range(RENDER_ATTEMPTS):
+            candidate = Path(scratch) / f"{attempt}.wav"
+            render(*job, candidate)
+            data = candidate.read_bytes()
+            if data in seen:
+                candidate.replace(out)
+                return
+            seen.append(data)
+    raise UserError(f"{out}: espeak-ng and sox gave {RENDER_ATTEMPTS} different renderings of the same utterance; "
+                    "the corpus would not be reproducible (check the espeak-ng installation)")
 
 
 def _votes(code: str, rng: random.Random, annotators: int = 5) -> list[str]:
@@ -77,19 +102,26 @@ def _votes(code: str, rng: random.Random, annotators: int = 5) -> list[str]:
     return [code if rng.random() < 0.75 else rng.choice(classes + ["O"]) for _ in range(annotators)]
 
 
-def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> Path:
-    """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
-    for tool in ("espeak-ng", "sox"):
-        if shutil.which(tool) is None:
-            raise UserError(f"{tool}: not installed (make demo installs espeak-ng and sox; or apt-get install {tool})")
-    root = Path(root)
-    for sub in ("Audios", "Labels", "Transcripts"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Utterance:
+    """One row of the corpus as planned: what is said, by which voice, with which prosody, and the votes."""
+    name: str
+    split: str
+    code: str                   # the consensus label (X: no agreement, O: other)
+    text: str
+    voice: str
+    prosody: tuple[int, int, int, str]   # espeak pitch, speed, amplitude; SSML pitch range
+    votes: tuple[str, ...]
+
+
+def plan_corpus(sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> list[Utterance]:
+    """Every utterance of the corpus, drawn from `seed` (no audio yet): labels and speaker splits can be checked
+    without rendering."""
     rng = random.Random(seed)
     voices = OUT_OF_DOMAIN_VOICES if out_of_domain else IN_DOMAIN_VOICES
     words = OUT_OF_DOMAIN_WORDS if out_of_domain else IN_DOMAIN_WORDS
     codes, weights = list(PROPORTIONS), list(PROPORTIONS.values())
-    jobs, consensus, detailed = [], [], []
+    plan = []
     for split, count in sizes.items():
         for i in range(count):
             if out_of_domain:
@@ -98,20 +130,34 @@ def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_d
                 roll = rng.random()
                 code = "X" if roll < 0.04 else "O" if roll < 0.07 else rng.choices(codes, weights)[0]
             voice = rng.choice(voices[split])
-            acted = code if code in PROFILES else rng.choice(codes)
-            profile = PROFILES[acted]
+            profile = PROFILES[code if code in PROFILES else rng.choice(codes)]
             name = f"{'LIBRI' if out_of_domain else 'MSP-PODCAST'}_{split[:4].upper()}_{i:05d}.wav"
             text = _sentence(words, rng, not out_of_domain)
-            jobs.append((text, voice, rng.randint(*profile.pitch), rng.randint(*profile.speed),
-                         rng.randint(*profile.amplitude), profile.pitch_range, root / "Audios" / name))
-            (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(text + "\n")
-            consensus.append({"FileName": name, "EmoClass": code, "EmoAct": 4.0, "EmoVal": 4.0, "EmoDom": 4.0,
-                              "SpkrID": voice, "Gender": "Female" if "+f" in voice else "Male", "Split_Set": split})
-            for worker, vote in enumerate(_votes(code, rng)):
-                detailed.append({"FileName": name, "WorkerID": f"annotator{worker}", "EmoClass_Major": LONG_NAMES[vote],
-                                 "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
+            prosody = (rng.randint(*profile.pitch), rng.randint(*profile.speed), rng.randint(*profile.amplitude),
+                       profile.pitch_range)
+            plan.append(Utterance(name, split, code, text, voice, prosody, tuple(_votes(code, rng))))
+    return plan
+
+
+def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> Path:
+    """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool}: not installed (make demo installs espeak-ng and sox; or apt-get install {tool})")
+    root = Path(root)
+    for sub in ("Audios", "Labels", "Transcripts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    plan = plan_corpus(sizes, seed, out_of_domain)
+    consensus, detailed = [], []
+    for u in plan:
+        (root / "Transcripts" / u.name.replace(".wav", ".txt")).write_text(u.text + "\n")
+        consensus.append({"FileName": u.name, "EmoClass": u.code, "EmoAct": 4.0, "EmoVal": 4.0, "EmoDom": 4.0,
+                          "SpkrID": u.voice, "Gender": "Female" if "+f" in u.voice else "Male", "Split_Set": u.split})
+        for worker, vote in enumerate(u.votes):
+            detailed.append({"FileName": u.name, "WorkerID": f"annotator{worker}", "EmoClass_Major": LONG_NAMES[vote],
+                             "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda job: _synthesise(*job), jobs))
+        list(pool.map(lambda u: _synthesise((u.text, u.voice, *u.prosody), root / "Audios" / u.name), plan))
     write_labels(root, consensus, detailed)
     return root
 

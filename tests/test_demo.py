@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from concurrent.futures import wait
@@ -23,8 +24,9 @@ from tqdm import tqdm
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
+from adaltm_recipes import demo_corpus
 from adaltm_recipes.demo import _Jobs
-from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
+from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus, plan_corpus
 from adaltm_upstream.expert import read_lambdas
 from tests.conftest import ROOT, launcher_env
 
@@ -56,9 +58,40 @@ def test_corpus_is_deterministic_speaker_disjoint_and_msp_like(tmp_path):
     assert sum(len(v) for v in loaded.values()) == sum(SIZES.values())
     assert all(u.transcript and 0.3 < u.seconds < 6 for v in loaded.values() for u in v)
 
-    big = make_corpus(tmp_path / "big", {"Train": 400}, seed=0)
-    classes = Counter(r["EmoClass"] for r in csv.DictReader(open(big / "Labels" / "labels_consensus.csv")))
+    classes = Counter(u.code for u in plan_corpus({"Train": 400}, seed=0))   # the labels, without the audio
     assert set(classes) == set("ACDFHNSUXO") and classes["N"] > classes["F"]
+
+
+def test_corpus_is_the_same_when_the_synthesiser_errs_once(tmp_path, monkeypatch):
+    """espeak-ng once rendered an utterance differently on a fresh machine: a corpus made while the synthesiser
+    errs once must still be the seed's corpus, byte for byte."""
+    sizes, real, calls, lock = {"Train": 6, "Test1": 2}, demo_corpus.render, [], threading.Lock()
+
+    def errs_once(*job):
+        real(*job)
+        with lock:
+            calls.append(job[-1])
+            first = len(calls) == 1
+        if first:                                      # same length, other samples: what was seen on that machine
+            data = bytearray(job[-1].read_bytes())
+            data[-2000:] = bytes(255 - b for b in data[-2000:])
+            job[-1].write_bytes(data)
+
+    monkeypatch.setattr(demo_corpus, "render", errs_once)
+    flaky = make_corpus(tmp_path / "flaky", sizes, seed=3)
+    monkeypatch.undo()
+    assert _digest(flaky) == _digest(make_corpus(tmp_path / "good", sizes, seed=3))
+    assert len(calls) == 2 * 8 + 1                      # each rendered until two renderings agreed; one erred
+
+
+def test_corpus_refuses_a_synthesiser_that_never_agrees(tmp_path, monkeypatch):
+    def noise(*job):
+        job[-1].write_bytes(os.urandom(64))
+
+    monkeypatch.setattr(demo_corpus, "render", noise)
+    with pytest.raises(UserError, match="MSP-PODCAST_TRAI_00000.wav: espeak-ng and sox gave 5 different renderings"):
+        make_corpus(tmp_path / "bad", {"Train": 1}, seed=0)
+    assert not list((tmp_path / "bad" / "Audios").iterdir())   # no partial file, no scratch directory left
 
 
 def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
