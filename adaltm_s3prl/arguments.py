@@ -9,6 +9,7 @@ line naming the file or key (a `UserError`, which the launcher prints and exits 
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import os
 from collections.abc import Mapping
@@ -116,6 +117,43 @@ def check_overrides(text: str) -> None:
                             "(several overrides are separated by ',,')")
         if first == "args" and len(key.strip().split(".")) != 2:
             raise UserError(f"-o: {key.strip()!r}: args overrides name one argument (args.NAME=VALUE)")
+
+
+def yaml_overrides(argv: list[str]) -> list[str]:
+    """`-o` values read the way config files are: s3prl `eval`s each value and keeps the text when that fails, so
+    `key=true` arrived as the string 'true' and `key=null` as 'null'. A value Python reads as a literal is left to
+    s3prl; any other value that YAML reads as something other than a string (true/false, null, [a, b]) is handed
+    on as its Python spelling."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-o", "--override") and i + 1 < len(out):
+            out[i + 1] = _yaml_values(out[i + 1])
+        elif arg.startswith("--override="):
+            out[i] = "--override=" + _yaml_values(arg[len("--override="):])
+        elif arg.startswith("-o") and not arg.startswith("--") and len(arg) > 2:
+            out[i] = "-o" + _yaml_values(arg[2:])
+    return out
+
+
+def _yaml_values(text: str) -> str:
+    options = []
+    for option in text.split(",,"):
+        key, sep, value = option.partition("=")
+        options.append(f"{key}={_yaml_value(value.strip())}" if sep and "=" not in value else option)
+    return ",,".join(options)
+
+
+def _yaml_value(text: str) -> str:
+    try:
+        ast.literal_eval(text)
+        return text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, str) else repr(value)
 
 
 def check_yaml(path: str, flag: str) -> None:

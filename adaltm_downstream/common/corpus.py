@@ -268,7 +268,7 @@ def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None
             problems.append(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
                             f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
                             "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
-                            "-o config.downstream_expert.datarc.require_transcript=False")
+                            "-o config.downstream_expert.datarc.require_transcript=false")
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
         problems += [p for p in pool.map(_probe, wanted, [spec.min_samples] * len(wanted)) if p]
     if problems:
