@@ -97,6 +97,52 @@ def run_name(path: Path) -> str:
     return f"{vectors} vectors{ops}, {how} λ{trained}{task}"
 
 
+# Launch arguments that change what a run learns (the others name paths the run was started with or wrote to).
+SETTING_ARGS = ("upstream_ckpt", "upstream_trainable", "upstream_feature_selection", "upstream_layer_selection",
+                "init_ckpt", "seed")
+
+
+def saved_settings(path: Path) -> dict[str, object]:
+    """What the run was launched with, as `section.key` -> value: s3prl's saved `config_*.yaml` (after `-c` and
+    `-o`) and the launch arguments in `SETTING_ARGS`."""
+    found: dict[str, object] = {}
+    for pattern, keep in (("config_*.yaml", None), ("args_*.yaml", SETTING_ARGS)):
+        saved = sorted(path.glob(pattern))
+        try:
+            data = yaml.safe_load(saved[0].read_text()) if saved else None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            data = None
+        stack = [("", data)] if isinstance(data, dict) else []
+        while stack:
+            prefix, section = stack.pop()
+            for name, value in section.items():
+                if isinstance(value, dict):
+                    stack.append((f"{prefix}{name}.", value))
+                elif keep is None or name in keep:
+                    found[f"{prefix}{name}"] = value
+    return found
+
+
+def distinct_names(runs: list[RunResult]) -> list[str]:
+    """Row names for `runs`, where runs that share a name (one `-g` config, other `-o` values) get what differs
+    between them appended — up to three settings — or, where their settings do not tell them apart, their
+    directory."""
+    names = [run.name for run in runs]
+    for name in set(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        if len(same) < 2:
+            continue
+        settings = [saved_settings(runs[i].path) for i in same]
+        keys = sorted(k for k in set().union(*settings) if len({repr(s.get(k)) for s in settings}) > 1)
+        for i, saved in zip(same, settings):
+            shown = ", ".join(f"{k}={saved.get(k)}" for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+            names[i] = f"{name} [{shown or runs[i].path.name}]"
+        if len({names[i] for i in same}) < len(same):
+            for i in same:
+                names[i] = f"{name} [{runs[i].path}]"
+    return names
+
+
 def _vector_ops_label(ops: dict) -> str:
     """` (DARE p=0.5, TIES top 0.2)` for the task-vector operations of a `-g` config; empty without any."""
     parts = [f"DARE p={ops['dare_p']:g}"] if ops.get("dare_p") is not None else []
@@ -159,12 +205,12 @@ def describe_comparison(a: RunResult, b: RunResult, differences: dict[str, Diffe
 
 def table_rows(runs: list[RunResult], reference: RunResult | None = None, resamples: int = 1000,
                unit: str = "utterance") -> list[TableRow]:
-    """One row per run; with a reference, each metric cell is marked where the paired bootstrap difference to the
-    reference row excludes zero."""
+    """One row per run (named by `distinct_names`); with a reference, each metric cell is marked where the paired
+    bootstrap difference to the reference row excludes zero."""
     rows = []
-    for run in runs:
+    for run, name in zip(runs, distinct_names(runs)):
         emotion = "uar" in run.metrics
-        row = TableRow(run.name, {m: run.metrics.get(m) for m in SHOWN} | {"wer": run.metrics.get("wer")},
+        row = TableRow(name, {m: run.metrics.get(m) for m in SHOWN} | {"wer": run.metrics.get("wer")},
                        {m: run.metrics["ci95"][m] for m in SHOWN} if emotion else {},
                        reference=reference is not None and run.path.resolve() == reference.path.resolve())
         if reference is not None and emotion and not row.reference and run.predictions is not None:
