@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import soundfile as sf
 
 from adaltm_core.settings import SettingsError, parse
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, CorpusError, CorpusSpec, load_corpus
-from adaltm_downstream.common.data import DataSettings, UtteranceDataset
+from adaltm_downstream.common.data import DataSettings, UtteranceDataset, make_loader
 from tests.conftest import run_launcher
 from tests.corpus_factory import tone, write_mini_msp
 
@@ -138,3 +139,17 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     run_launcher(["-m", "inference", "-e", str(expdir / "dev-best.ckpt"), "-t", str(stereo)], cwd=tmp_path)
     name, emotion, probabilities = (expdir / "inference.tsv").read_text().strip().split("\t")
     assert name == "question" and emotion in CLASS_NAMES and len(probabilities.split()) == 8
+
+
+def test_data_loader_workers_are_capped_at_the_usable_cpus(corpus, monkeypatch, capsys):
+    """A preset's `num_workers: 4` on a 2-CPU machine: 2 workers and one notice, not torch's warning."""
+    root, _ = corpus
+    utterances = load_corpus(CorpusSpec(root), ["Train"])["Train"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    settings = parse(DataSettings, {"root": str(root), "num_workers": 4}, "downstream_expert.datarc")
+    loader = make_loader(utterances, lambda u: (u.label,), settings, train=True, name="train")
+    assert loader.num_workers == 2
+    assert "datarc.num_workers 4 capped at the 2 usable CPUs" in capsys.readouterr().err
+    settings = parse(DataSettings, {"root": str(root), "num_workers": 1}, "downstream_expert.datarc")
+    assert make_loader(utterances, lambda u: (u.label,), settings, train=False, name="dev").num_workers == 1
+    assert "capped" not in capsys.readouterr().err

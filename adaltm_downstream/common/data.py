@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +148,15 @@ class UtteranceDataset(Dataset):
         return tuple(list(column) for column in zip(*items))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them when it warns about too
+    many workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple], settings: DataSettings,
                 train: bool, epoch: int = 0, name: str = "", stats: tuple[float, float] | None = None) -> DataLoader:
     """`stats`: the training set's (mean, std), required when `settings.normalise` is train_global."""
@@ -161,10 +171,13 @@ def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple
         batch_seconds=settings.batch_seconds if train else None, shuffle=train, seed=settings.seed,
         rank=rank, world_size=world, window=settings.bucket_window)
     sampler.set_epoch(epoch)
+    workers = min(settings.num_workers, usable_cpus())
     if rank == 0:
+        capped = (f"; datarc.num_workers {settings.num_workers} capped at the {workers} usable CPUs"
+                  if workers < settings.num_workers else "")
         print(f"[{name}] {len(utterances)} utterances, {len(sampler)} batches, "
-              f"{100 * sampler.padded_fraction():.1f} % padded frames", file=sys.stderr)
+              f"{100 * sampler.padded_fraction():.1f} % padded frames{capped}", file=sys.stderr)
     dataset = UtteranceDataset(utterances, fields, settings.crop_seconds if train else None, settings.max_seconds,
                                stats if settings.normalise != "none" else None)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       collate_fn=UtteranceDataset.collate, persistent_workers=False)
