@@ -14,6 +14,7 @@ import sys
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.files import atomic_write_text
 from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
 
@@ -117,8 +118,7 @@ def _table(args: argparse.Namespace) -> None:
     text = results.render(results.table_rows(runs, reference, args.resamples, args.by), fmt)
     if fmt == "md":
         text += "\n" + results.legend(reference, args.resamples, args.by) + "\n"
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    atomic_write_text(args.output, text)
     print(text, end="")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +35,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield tmp
+        with _naming(path, tmp):
+            yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # after writing: some writers (safetensors) create the file anew
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# How writers that do their own I/O report the OS's refusal: safetensors "... I/O error: No space left on device
+# (os error 28)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextmanager
+def _naming(path: Path, tmp: str | os.PathLike) -> Iterator[None]:
+    """An error of the OS while writing `path` (a full disk, a quota) names `path`, not the temporary file or
+    nothing at all: Python's own write errors carry no file name, and safetensors wraps them in its own error."""
+    try:
+        yield
+    except OSError as error:
+        named = os.fspath(error.filename) if error.filename is not None else None
+        if error.errno is None or (named is not None and not named.startswith(os.fspath(tmp))):
+            raise
+        inside = named[len(os.fspath(tmp)):] if named else ""  # a file inside a temporary directory
+        raise OSError(error.errno, error.strerror or os.strerror(error.errno), f"{path}{inside}") from error
+    except Exception as error:
+        found = _OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else None
+        if code not in errno.errorcode:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from error
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -53,8 +81,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     temporary file: the same object gives the same bytes."""
     import torch
 
-    with atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb") as file:
-        torch.save(obj, file)
+    with atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb", buffering=0) as file:
+        torch.save(obj, file)  # unbuffered: a full disk reaches torch as the OSError itself, not as its RuntimeError
 
 
 @contextmanager
@@ -68,7 +96,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
-        yield tmp
+        with _naming(path, tmp):
+            yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if path.exists() or path.is_symlink():

@@ -4,31 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from adaltm_core.errors import UserError
+from adaltm_core.files import atomic_path
 from adaltm_upstream import expert
 from adaltm_upstream.checkpoints import torch_load
 
 
 def selected_checkpoint(expdir: str | Path) -> Path:
-    """The model a run selected (`dev-best.ckpt`), else its latest `states-N.ckpt`."""
+    """The model a run selected (`dev-best.ckpt`), else its latest `states-N.ckpt` (other names, such as a user's
+    `states-old.ckpt`, are not the runner's)."""
     expdir = Path(expdir)
+    if not expdir.is_dir():
+        raise UserError(f"{expdir}: not an experiment directory")
     best = expdir / "dev-best.ckpt"
     if best.is_file():
         return best
-    states = sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
+    states = [p for p in expdir.glob("states-*.ckpt") if p.stem.split("-", 1)[1].isdigit()]
     if not states:
-        raise UserError(f"{expdir}: no dev-best.ckpt or states-*.ckpt in this experiment directory")
-    return states[-1]
+        raise UserError(f"{expdir}: no dev-best.ckpt or states-<step>.ckpt in this experiment directory")
+    return max(states, key=lambda p: int(p.stem.split("-", 1)[1]))
 
 
 def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]], bool]:
     """(tasks, λ as merged, rows × tasks, whether rows are tensors (tensorwise) rather than groups)."""
     path = selected_checkpoint(expdir)
-    upstream = torch_load(path).get("Upstream") or {}
-    found = expert.read_lambdas(upstream)
+    states = torch_load(path)
+    upstream = states.get("Upstream") if isinstance(states, dict) else None
+    found = expert.read_lambdas(upstream) if isinstance(upstream, dict) else None
     if found is None:
         raise UserError(f"{path}: no learned λ (not an adaltm_wavlm run with trainable λ)")
     tasks, lambdas = found
+    if not torch.isfinite(lambdas).all():
+        raise UserError(f"{path}: λ are not finite (NaN or Inf: the run diverged); plot an earlier checkpoint")
     return tasks, lambdas.tolist(), not expert.lambda_rows(upstream)[0].startswith("group_")
 
 
@@ -57,7 +66,7 @@ def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | Non
     ax.grid(alpha=0.3)
     fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
+    with atomic_path(output, suffix=output.suffix) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return output

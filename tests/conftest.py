@@ -135,3 +135,19 @@ def tensors():
     asr = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
     ser = {"a": torch.randn(2, 3, generator=g), "c": torch.randn(3, generator=g)}  # no "b": τ_ser(b) = 0
     return base, [asr, ser], [["a", "b"], ["c"]]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 16 KiB tmpfs: a real full disk (ENOSPC as the kernel gives it). Mounting needs root (as
+    `make test` has, to install espeak-ng and sox); without it, the test is skipped with the reason."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -112,7 +112,7 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     override = (f"config.downstream_expert.datarc.root={root},,config.runner.total_steps=4,,"
                 "config.runner.eval_step=2,,config.runner.save_step=2,,config.runner.log_step=2,,"
                 "config.downstream_expert.datarc.batch_size=4,,config.downstream_expert.datarc.num_workers=0,,"
-                "config.downstream_expert.datarc.require_transcript=False")
+                "config.downstream_expert.datarc.require_transcript=false")
     train = run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "msp_podcast_cat",
                           "-p", str(expdir), "-o", override], cwd=tmp_path)  # no -c: the packaged config
     assert "using the packaged config" in train.stderr and "[msp_podcast_cat] dev (Development) step 2" in train.stderr

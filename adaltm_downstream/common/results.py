@@ -61,10 +61,30 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None) -> 
     if not metrics_file.is_file():
         raise ResultsError(f"{path}: no {metrics_file.name}; evaluate the run first: python run_downstream.py "
                            f"-m evaluate -e {path / 'dev-best.ckpt'} -t {split}")
-    metrics = json.loads(metrics_file.read_text())
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsError(f"{metrics_file}: not valid JSON ({error}); re-evaluate the run") from None
+    _check_metrics(metrics, metrics_file)
     predictions_file = path / f"{split}_predictions.tsv"
     predictions = read_predictions(predictions_file) if predictions_file.is_file() else None
     return RunResult(path, name or run_name(path), split, metrics, predictions)
+
+
+def _check_metrics(metrics, path: Path) -> None:
+    """What `table_rows` reads: numbers, and for an emotion run a [low, high] interval per shown metric."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    ok = isinstance(metrics, dict) and ("uar" in metrics or "wer" in metrics) and all(
+        number(metrics[k]) or (k == "wer" and metrics[k] is None) for k in (*SHOWN, "wer") if k in metrics)
+    if ok and "uar" in metrics:
+        ci95 = metrics.get("ci95")
+        ok = isinstance(ci95, dict) and all(
+            isinstance(ci95.get(m), list) and len(ci95[m]) == 2 and all(map(number, ci95[m])) for m in SHOWN)
+    if not ok:
+        raise ResultsError(f"{path}: not the metrics of an evaluation (an object with uar, precision, macro_f1 and "
+                           "their ci95, or wer, as numbers); re-evaluate the run")
 
 
 def read_predictions(path: Path) -> Predictions:
@@ -72,8 +92,14 @@ def read_predictions(path: Path) -> Predictions:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows or not {"file", "label", "pred"} <= set(rows[0]):
         raise ResultsError(f"{path}: not a predictions file (needs the columns file, label, pred)")
-    return Predictions([r["file"] for r in rows], np.array([int(r["label"]) for r in rows]),
-                       np.array([int(r["pred"]) for r in rows]), [r.get("speaker") or "" for r in rows])
+    try:
+        labels, predicted = (np.array([int(r[column]) for r in rows]) for column in ("label", "pred"))
+    except (TypeError, ValueError):
+        line, row = next((i, r) for i, r in enumerate(rows, 2) if not all(
+            str(r[c]).strip().lstrip("-").isdigit() for c in ("label", "pred")))
+        raise ResultsError(f"{path}: line {line}: label and pred must be class indices, got {row['label']!r} and "
+                           f"{row['pred']!r}") from None
+    return Predictions([r["file"] for r in rows], labels, predicted, [r.get("speaker") or "" for r in rows])
 
 
 def run_name(path: Path) -> str:
