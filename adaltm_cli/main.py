@@ -14,12 +14,14 @@ import sys
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from adaltm_core.errors import UserError, one_line, reportable
-from adaltm_core.files import atomic_write_text
+from adaltm_core.files import atomic_write_text, check_output
 from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
 
 
 def _extract(args: argparse.Namespace) -> None:
+    check_output(args.output, [("--base", args.base), ("--finetuned", args.finetuned)], task_vectors.is_task_vector,
+                 "adaltm task-vector extract")
     tensors, meta = task_vectors.extract(args.base, args.finetuned, dtype=args.dtype)
     task_vectors.save(args.output, tensors, meta)
     report = task_vectors.inspect([task_vectors.TaskVector(args.output, tensors, meta)])[0]
@@ -71,16 +73,20 @@ def _format_report(report: dict) -> str:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from adaltm_upstream.export import export
+    from adaltm_upstream.export import export, is_export
 
+    check_output(args.output, [("-g config", args.config), ("--states", args.states)],
+                 lambda path: is_export(path, args.format), f"adaltm export --format {args.format}")
     out = export(args.config, args.states, args.output, args.format, at_init=args.init)
     print(f"wrote {out} ({args.format}): merged WavLM weights at "
           f"{'the configured initial' if args.states is None else 'the learned'} λ")
 
 
 def _plot_lambdas(args: argparse.Namespace) -> None:
-    from adaltm_upstream.plotting import plot_lambdas
+    from adaltm_upstream.plotting import is_figure, plot_lambdas
 
+    check_output(args.output, [("experiment directory", path) for path in args.expdirs], is_figure,
+                 "adaltm plot-lambdas")
     print(f"wrote {plot_lambdas(args.expdirs, args.output)}")
 
 
@@ -113,6 +119,8 @@ def _table(args: argparse.Namespace) -> None:
     from adaltm_downstream.common import results
 
     fmt = results.format_of(args.output, args.format)
+    check_output(args.output, [("run directory", path) for path in [*args.runs, args.reference]], results.is_table,
+                 "adaltm table")
     runs = [results.load_run(r, args.split) for r in args.runs]
     reference = results.load_run(args.reference, args.split) if args.reference else None
     text = results.render(results.table_rows(runs, reference, args.resamples, args.by), fmt)

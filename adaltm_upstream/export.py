@@ -32,6 +32,7 @@ from adaltm_upstream.groups import partition
 from adaltm_upstream.merging import GroupedMerge, row_names, row_slices
 
 FORMATS = ("hf", "s3prl")
+PROVENANCE = "adaltm_export.json"   # in an hf export: what was merged, from which λ
 
 
 def write_unilm_checkpoint(path: str | Path, config: WavLMConfig, normalize: bool, state: dict[str, torch.Tensor],
@@ -57,6 +58,17 @@ def check_request(config_path: str, states_path: str | None, at_init: bool) -> U
         raise UserError(f"{config_path}: {what}: pass --states EXPDIR/states-N.ckpt, or --init to export at "
                         "merge.init")
     return config
+
+
+def is_export(path: Path, fmt: str) -> bool:
+    """Whether `path` is what an earlier `adaltm export --format fmt` wrote (its provenance is inside)."""
+    if fmt == "hf":
+        return (path / PROVENANCE).is_file()
+    try:
+        saved = torch_load(path, mmap=True) if path.is_file() else None
+    except UserError:
+        return False
+    return isinstance(saved, dict) and "adaltm" in saved
 
 
 def export(config_path: str, states_path: str | None, output: str | Path, fmt: str, at_init: bool = False) -> Path:
@@ -160,7 +172,7 @@ def _write_hf(output: Path, base: Checkpoint, layout: list[list[str]], groups: I
         (tmp / "preprocessor_config.json").write_text(json.dumps({
             "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
             "padding_value": 0.0, "do_normalize": base.normalize, "return_attention_mask": True}, indent=1))
-        (tmp / "adaltm_export.json").write_text(json.dumps(provenance, indent=1))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     return output
 
 

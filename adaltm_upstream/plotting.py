@@ -41,6 +41,20 @@ def read_lambdas(expdir: str | Path) -> tuple[list[str], list[list[float]], bool
     return tasks, lambdas.tolist(), not expert.lambda_rows(upstream)[0].startswith("group_")
 
 
+# What the start of a figure file is, per format matplotlib writes by suffix.
+FIGURE_MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml", ".jpg": b"\xff\xd8", ".jpeg": b"\xff\xd8"}
+
+
+def is_figure(path: Path) -> bool:
+    """Whether `path` is a figure file (what an earlier `plot-lambdas -o` wrote), judged by its first bytes."""
+    magic = FIGURE_MAGIC.get(path.suffix.lower(), b"\x89PNG")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | None = None) -> Path:
     import matplotlib
 

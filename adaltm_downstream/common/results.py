@@ -304,6 +304,16 @@ def legend(reference: RunResult | None, resamples: int, unit: str) -> str:
     return text
 
 
+def is_table(path: Path) -> bool:
+    """Whether `path` is a table `adaltm table` wrote (Markdown, CSV or LaTeX), judged by its first line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith(("| Method / setup |", "name,uar,", r"\begin{tabular}"))
+
+
 def format_of(output: str | Path, explicit: str | None = None) -> str:
     """The table format: `explicit`, else from the output suffix (.md, .csv, .tex)."""
     if explicit:
