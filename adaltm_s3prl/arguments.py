@@ -214,9 +214,46 @@ def _check_optimizer(optimizer: dict, where: str) -> None:
 
 def _bind(function, args: list, options: dict, where: str) -> None:
     signature = inspect.signature(function)
+    _check_values(signature, options, where)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return
     try:
         signature.bind(*args, **options)
     except TypeError as error:
         raise UserError(f"{where}: {error}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(signature: inspect.Signature, options: dict, where: str) -> None:
+    """Each option the factory names has the type of its default (`lr=fast` failed inside torch): a number, true or
+    false, or a list of numbers as long as the default tuple; a `float | None` parameter takes a number or null."""
+    for name, value in options.items():
+        parameter = signature.parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        default, annotation = parameter.default, str(parameter.annotation)
+        if isinstance(default, bool):
+            expected, ok = "true or false", isinstance(value, bool)
+        elif _is_number(default) or (default is None and ("float" in annotation or "int" in annotation)):
+            expected, ok = "a number" + (" or null" if default is None else ""), _is_number(value) or (
+                default is None and value is None)
+        elif isinstance(default, tuple) and all(map(_is_number, default)):
+            expected = f"a list of {len(default)} numbers"
+            ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        else:
+            continue
+        if not ok:
+            raise UserError(f"{where}.{name}: expected {expected}, got {value!r}{_yaml_number_hint(value)}")
+
+
+def _yaml_number_hint(value) -> str:
+    """PyYAML (YAML 1.1, as s3prl reads configs) takes `1e-4` for text: a float needs a dot (`1.0e-4`)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f" (YAML reads {value} as text; write a number with a dot, e.g. {float(value)!r})" \
+        if isinstance(value, str) else ""

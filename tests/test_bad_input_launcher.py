@@ -84,9 +84,18 @@ def test_runner_and_optimizer_sections():
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adamm"}}, "torch_optim_name: not a torch.optim"),
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lrr": 1}}, "unexpected keyword"),
         ({"downstream_expert": None}, "downstream_expert: missing"),
+        ({"optimizer": {"name": "AdamW", "lr": "fast"}}, "cfg.yaml: optimizer.lr: expected a number, got 'fast'"),
+        ({"optimizer": {"name": "AdamW", "lr": "1e-4"}}, "got '1e-4' (YAML reads 1e-4 as text; write a number with"),
+        ({"optimizer": {"name": "DifferentialAdamW", "lambda_lr": True}}, "lambda_lr: expected a number or null"),
+        ({"optimizer": {"name": "DifferentialAdamW", "betas": [0.9]}}, "betas: expected a list of 2 numbers"),
+        ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "amsgrad": "yes"}},
+         "optimizer.amsgrad: expected true or false, got 'yes'"),
     ]
     for change, expected in cases:
         assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml"), expected
+    for optimizer in ({"name": "DifferentialAdamW", "lr": 1e-2, "lambda_lr": None, "betas": [0.9, 0.98]},
+                      {"name": "TorchOptim", "torch_optim_name": "SGD", "lr": 1, "nesterov": False}):
+        arguments.check_config({**good, "optimizer": optimizer}, "cfg.yaml")
 
 
 def test_worker_and_machine_errors_become_one_line():
