@@ -43,15 +43,17 @@ def known_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
-def check_command_line(argv: list[str], env: Mapping[str, str]) -> None:
-    """Every file, directory and override on the command line, before s3prl reads any of them."""
+def check_command_line(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Every file, directory and override on the command line, before s3prl reads any of them; returns notices."""
     known = known_arguments(argv)
+    notices: list[str] = []
     if known.help:
-        return
+        return notices
     if known.past_exp:
         states = check_states_file(known.past_exp, "-e")
         if known.mode == "train":
             check_resume_world(states, known.past_exp, known.local_rank is not None, int(env.get("WORLD_SIZE", 1)))
+        notices.append(resume_directory(states, known))
     if known.init_ckpt:
         check_states_file(known.init_ckpt, "-i")
     if known.config and not known.past_exp:
@@ -60,6 +62,37 @@ def check_command_line(argv: list[str], env: Mapping[str, str]) -> None:
         check_overrides(known.override)
     if known.expdir:
         check_output_directory(known.expdir)
+    return notices
+
+
+def asked_expdir(known: argparse.Namespace) -> str | None:
+    """Where the user asked a `-e` run to write: `-p`, or `-o args.expdir=...` (s3prl itself applies only the
+    latter on a resume; the launcher applies `-p` too, `registration._resume_where_asked`)."""
+    if known.expdir:
+        return known.expdir
+    for option in (known.override or "").split(",,"):
+        key, sep, value = option.partition("=")
+        if sep and key.strip() == "args.expdir":
+            return value.strip()
+    return None
+
+
+def resume_directory(states: dict, known: argparse.Namespace) -> str:
+    """s3prl writes a `-e` run into the directory recorded in the checkpoint, wherever the checkpoint now is: a
+    copied run overwrote the original's `dev-best.ckpt`. A checkpoint moved from its directory needs `-p`."""
+    target = Path(known.past_exp)
+    here = target if target.is_dir() else target.parent
+    asked = asked_expdir(known)
+    if asked:
+        return f"-e: this run writes to {asked} (as asked)"
+    saved = getattr(states["Args"], "expdir", None)
+    if saved is None:
+        return f"-e: this run writes to {here}"
+    if Path(saved).resolve() != here.resolve():
+        raise UserError(f"{target}: -e: this checkpoint was saved by the run in {saved}, and s3prl would write "
+                        f"into that directory (its checkpoints and metrics), not into {here}; pass -p DIR to "
+                        f"choose where this run writes (e.g. -p {here})")
+    return f"-e: this run writes to {saved} (the run's own directory)"
 
 
 @dataclass

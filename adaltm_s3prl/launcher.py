@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in notices:
         print(f"[adaltm] {line}", file=sys.stderr)
     try:
-        check_command_line(argv, os.environ)
+        for line in check_command_line(argv, os.environ):
+            print(f"[adaltm] {line}", file=sys.stderr)
         applied = compat.apply_all()
         LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
         registration.register()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from adaltm_core import settings
 from adaltm_core.errors import UserError
 from adaltm_downstream.common.data import DataSettings
 from adaltm_s3prl import compat
+from adaltm_s3prl.arguments import check_command_line
 from adaltm_s3prl.launcher import prepare_argv
 from tests.conftest import TORCHRUN, example_config, launcher_env, run_launcher, write_yaml
 
@@ -58,6 +60,18 @@ def test_stock_wavlm_local_on_example_trains_saves_and_resumes(tmp_path, tiny_un
                   "-o", "config.runner.total_steps=6"], cwd=tmp_path)
     assert (expdir / "states-6.ckpt").exists()
     assert load_states(expdir / "states-6.ckpt")["Step"] == 6
+
+    # a copied run: s3prl would write into the original's directory; refused, unless -p says where
+    copy = tmp_path / "copy"
+    shutil.copytree(expdir, copy)
+    with pytest.raises(UserError, match=f"copy/states-6.ckpt: -e: this checkpoint was saved by the run in {expdir}"):
+        check_command_line(["-m", "train", "-e", str(copy / "states-6.ckpt")], {})
+    before = {p.name: p.read_bytes() for p in expdir.iterdir() if p.suffix == ".ckpt"}
+    result = run_launcher(["-m", "train", "-e", str(copy / "states-6.ckpt"), "-p", str(copy), "--device", "cpu",
+                           "-o", "config.runner.total_steps=8"], cwd=tmp_path)
+    assert f"[adaltm] -e: this run writes to {copy} (as asked)" in result.stderr
+    assert load_states(copy / "states-8.ckpt")["Step"] == 8
+    assert {p.name: p.read_bytes() for p in expdir.iterdir() if p.suffix == ".ckpt"} == before
 
 
 def test_torchrun_two_processes_gloo_really_distributed(tmp_path, tiny_unilm):
