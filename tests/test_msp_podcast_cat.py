@@ -9,7 +9,9 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
+from adaltm_core.safe_load import torch_load
 from adaltm_core.settings import SettingsError, parse
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, CorpusError, CorpusSpec, load_corpus
 from adaltm_downstream.common.data import DataSettings, UtteranceDataset, make_loader
@@ -153,3 +155,27 @@ def test_data_loader_workers_are_capped_at_the_usable_cpus(corpus, monkeypatch, 
     settings = parse(DataSettings, {"root": str(root), "num_workers": 1}, "downstream_expert.datarc")
     assert make_loader(utterances, lambda u: (u.label,), settings, train=False, name="dev").num_workers == 1
     assert "capped" not in capsys.readouterr().err
+
+
+def test_a_run_resumed_mid_epoch_ends_where_an_uninterrupted_one_ends(tmp_path, corpus, tiny_unilm):
+    """What a run killed after its step-4 checkpoint leaves is that checkpoint: resumed from it (elsewhere, -p),
+    the run reaches step 6 with the same weights, bit for bit, as the run that went on. Mid-epoch (11 batches an
+    epoch), with head dropout, random crops, a data-loader worker and an evaluation in between."""
+    root, _ = corpus
+    override = (f"config.downstream_expert.datarc.root={root},,config.runner.total_steps=6,,"
+                "config.runner.eval_step=3,,config.runner.save_step=2,,config.runner.log_step=2,,"
+                "config.runner.max_keep=10,,config.downstream_expert.datarc.batch_size=2,,"
+                "config.downstream_expert.datarc.num_workers=1,,config.downstream_expert.datarc.crop_seconds=0.5,,"
+                "config.downstream_expert.datarc.require_transcript=false,,"
+                "config.downstream_expert.emotion.hidden_dim=8,,config.downstream_expert.emotion.dropout=0.5")
+    went_on, resumed = tmp_path / "went_on", tmp_path / "resumed"
+    run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "msp_podcast_cat",
+                  "-p", str(went_on), "-o", override], cwd=tmp_path)
+    result = run_launcher(["-m", "train", "-e", str(went_on / "states-4.ckpt"), "-p", str(resumed)], cwd=tmp_path)
+    a, b = (torch_load(run / "states-6.ckpt") for run in (went_on, resumed))
+    assert a["Step"] == b["Step"] == 6 and a["Epoch"] == b["Epoch"] == 0
+    for entry in ("Downstream", "Featurizer"):
+        tensors = [k for k, v in a[entry].items() if isinstance(v, torch.Tensor)]
+        assert tensors and all(torch.equal(a[entry][k], b[entry][k]) for k in tensors), entry
+    assert "resuming after its batch 4" in result.stderr
+    assert a["Downstream"]["_extra_state"]["training_position"]["consumed"] == 6
