@@ -13,7 +13,7 @@ import sys
 # such processes side by side take 0.37 s a step each. An explicit setting in the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
-from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.errors import UserError, one_line, quiet_after_error, reportable
 from adaltm_core.files import atomic_write_text, check_output
 from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         if not reportable(error):
             raise
         print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
+        quiet_after_error()
         sys.exit(2)
     except KeyboardInterrupt:
         resume = f" (finished stages are kept: rerun `adaltm {args.command}` to go on)" if args.resumable else ""

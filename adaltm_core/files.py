@@ -99,6 +99,18 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, file)  # unbuffered: a full disk reaches torch as the OSError itself, not as its RuntimeError
 
 
+def atomic_savefig(figure, path: str | os.PathLike, **options) -> None:
+    """A matplotlib figure through `atomic_path`, its format from `path`'s suffix (PNG without one); closed after."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            figure.savefig(tmp, **options)
+    finally:
+        plt.close(figure)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it takes `path`'s place (whatever was there is

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.errors import UserError, one_line, quiet_after_error, reportable
 from adaltm_s3prl import compat, registration
 from adaltm_s3prl.arguments import check_command_line, known_arguments, yaml_overrides
 
@@ -80,4 +80,5 @@ def main(argv: list[str] | None = None) -> None:
         if not reportable(error):
             raise
         print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
+        quiet_after_error()
         sys.exit(2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from adaltm_core.errors import UserError
-from adaltm_core.files import atomic_path
+from adaltm_core.files import atomic_savefig
 from adaltm_upstream import expert
 from adaltm_upstream.checkpoints import torch_load
 
@@ -79,8 +79,5 @@ def plot_lambdas(expdirs: list[str], output: str | Path, labels: list[str] | Non
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    output = Path(output)
-    with atomic_path(output, suffix=output.suffix) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return output
+    atomic_savefig(fig, output, dpi=120)
+    return Path(output)
