@@ -28,7 +28,7 @@ from adaltm_recipes import demo_corpus
 from adaltm_recipes.demo import _Jobs
 from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus, plan_corpus
 from adaltm_upstream.expert import read_lambdas
-from tests.conftest import ROOT, launcher_env
+from tests.conftest import ROOT, launcher_env, run_bounded
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
 
@@ -105,8 +105,8 @@ def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"  # given relative to the working directory, as `make demo`'s default is
-    done = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", "demo"],
-                          cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=400)
+    done = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", "demo"], 600,
+                       cwd=tmp_path, env=launcher_env())            # on a timeout, its workers are killed too
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in rows]
@@ -138,8 +138,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert lambdas.shape == (base["cfg"]["encoder_layers"] + 1, 2)     # every layer group, CNN included, learned
     assert "rows in" in done.stdout
 
-    again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],
-                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=200)
+    again = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)], 300,
+                        cwd=ROOT, env=launcher_env())
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
 
 
