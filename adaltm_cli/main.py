@@ -94,7 +94,8 @@ def _make_demo_corpus(args: argparse.Namespace) -> None:
     from adaltm_recipes.demo_corpus import make_corpus
 
     sizes = {"Train": args.train, "Development": args.dev, "Test1": args.test}
-    root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain)
+    root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain,
+                       condition=args.corpus)
     print(f"wrote {root}: {sum(sizes.values())} utterances in the MSP-Podcast release layout")
 
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--out-of-domain", action="store_true",
                         help="the out-of-domain ASR corpus: neutral prosody, other voices and sentences")
+    corpus.add_argument("--corpus", choices=["prosody", "lexical"], default="prosody",
+                        help="lexical: words carry part of the emotion and some prosody is another class's")
     corpus.set_defaults(run=_make_demo_corpus)
 
     compare = commands.add_parser("compare", help="paired bootstrap difference of two runs on the same test set")

@@ -7,6 +7,14 @@ five simulated annotators vote, mostly for the intended class. Sentences follow 
 ("verb the colour object number") and are the transcripts. The out-of-domain ASR corpus (the LibriSpeech role)
 has neutral prosody only, other voices and other sentences.
 
+Two conditions (`condition`): `prosody` (the default: the emotion is in the prosody only, the sentences are
+neutral) and `lexical`, where the words carry part of the emotion too — the test of the paper's claim that an ASR
+vector helps because words carry emotion. Decided before any run (issue 29), for the utterances with a class
+label: with probability LEXICAL_SHARE the colour word of the template is replaced by a word of the class's
+lexicon ("take the furious box three"), and with probability AMBIGUOUS_SHARE the utterance is spoken with the
+prosody of another class drawn uniformly, so that neither cue alone is perfect. These draws come from a generator
+of their own: labels, speakers, splits and votes are the prosody condition's, utterance for utterance.
+
 espeak-ng is not bit-deterministic every time (seen once: the first rendering on a fresh machine differed from
 every later one in 28,239 of 32,124 samples), so each utterance is rendered until two renderings agree byte for
 byte: the same seed gives the same corpus on every run.
@@ -15,6 +23,7 @@ byte: the same seed gives the same corpus on every run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import shutil
 import subprocess
@@ -55,6 +64,16 @@ OUT_OF_DOMAIN_VOICES = {"Train": ["en-gb+m4", "en-gb+f4", "en-gb+m6", "en-gb+f1"
                         "Test1": ["en-gb+f3"]}
 IN_DOMAIN_WORDS = (["take", "bring", "find", "move", "drop", "hold"], ["red", "blue", "green", "white", "black"],
                    ["box", "cup", "ball", "book", "chair", "shoe"], ["one", "two", "three", "four", "five", "six"])
+# The lexical condition's emotion words, one list per class (neutral: plain descriptive words).
+LEXICON = {
+    "A": ["angry", "furious", "hateful", "violent"], "C": ["pathetic", "worthless", "useless", "stupid"],
+    "D": ["disgusting", "filthy", "nasty", "rotten"], "F": ["scary", "dangerous", "terrible", "frightening"],
+    "H": ["wonderful", "lovely", "happy", "brilliant"], "N": ["plain", "usual", "normal", "simple"],
+    "S": ["sad", "broken", "lonely", "hopeless"], "U": ["amazing", "unexpected", "strange", "sudden"],
+}
+LEXICAL_SHARE = 0.5       # of labelled utterances: an emotion word of the class replaces the colour word
+AMBIGUOUS_SHARE = 0.3     # of labelled utterances: the prosody of another class, drawn uniformly
+CONDITIONS = ("prosody", "lexical")
 OUT_OF_DOMAIN_WORDS = (["the farmer", "a sailor", "my neighbour", "the teacher"], ["walked", "looked", "waited"],
                        ["near the", "behind the", "under the"], ["river", "garden", "station", "market"])
 
@@ -112,11 +131,16 @@ class Utterance:
     voice: str
     prosody: tuple[int, int, int, str]   # espeak pitch, speed, amplitude; SSML pitch range
     votes: tuple[str, ...]
+    prosody_of: str                      # the class whose profile `prosody` was drawn from
+    emotion_word: str | None = None      # the lexical condition's word, where the sentence carries one
 
 
-def plan_corpus(sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> list[Utterance]:
+def plan_corpus(sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False,
+                condition: str = "prosody") -> list[Utterance]:
     """Every utterance of the corpus, drawn from `seed` (no audio yet): labels and speaker splits can be checked
     without rendering."""
+    if condition not in CONDITIONS:
+        raise UserError(f"--corpus: one of {', '.join(CONDITIONS)}, got {condition!r}")
     rng = random.Random(seed)
     voices = OUT_OF_DOMAIN_VOICES if out_of_domain else IN_DOMAIN_VOICES
     words = OUT_OF_DOMAIN_WORDS if out_of_domain else IN_DOMAIN_WORDS
@@ -130,16 +154,34 @@ def plan_corpus(sizes: dict[str, int], seed: int = 0, out_of_domain: bool = Fals
                 roll = rng.random()
                 code = "X" if roll < 0.04 else "O" if roll < 0.07 else rng.choices(codes, weights)[0]
             voice = rng.choice(voices[split])
-            profile = PROFILES[code if code in PROFILES else rng.choice(codes)]
+            acted = code if code in PROFILES else rng.choice(codes)
+            profile = PROFILES[acted]
             name = f"{'LIBRI' if out_of_domain else 'MSP-PODCAST'}_{split[:4].upper()}_{i:05d}.wav"
             text = _sentence(words, rng, not out_of_domain)
             prosody = (rng.randint(*profile.pitch), rng.randint(*profile.speed), rng.randint(*profile.amplitude),
                        profile.pitch_range)
-            plan.append(Utterance(name, split, code, text, voice, prosody, tuple(_votes(code, rng))))
+            plan.append(Utterance(name, split, code, text, voice, prosody, tuple(_votes(code, rng)), acted))
+    if condition == "lexical" and not out_of_domain:
+        cues = random.Random(f"lexical-{seed}")
+        plan = [_with_lexical_cues(u, cues) if u.code in PROFILES else u for u in plan]
     return plan
 
 
-def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> Path:
+def _with_lexical_cues(u: Utterance, rng: random.Random) -> Utterance:
+    """The lexical condition for one labelled utterance (every draw made, so each utterance uses the same count)."""
+    lexical, word = rng.random() < LEXICAL_SHARE, rng.choice(LEXICON[u.code])
+    ambiguous, other = rng.random() < AMBIGUOUS_SHARE, rng.choice([c for c in PROFILES if c != u.code])
+    profile = PROFILES[other]
+    prosody = (rng.randint(*profile.pitch), rng.randint(*profile.speed), rng.randint(*profile.amplitude),
+               profile.pitch_range)
+    words = u.text.split()
+    words[2] = word if lexical else words[2]                   # "verb the COLOUR object number"
+    return dataclasses.replace(u, text=" ".join(words), prosody=prosody if ambiguous else u.prosody,
+                               prosody_of=other if ambiguous else u.prosody_of, emotion_word=word if lexical else None)
+
+
+def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False,
+                condition: str = "prosody") -> Path:
     """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
@@ -147,7 +189,7 @@ def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_d
     root = Path(root)
     for sub in ("Audios", "Labels", "Transcripts"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    plan = plan_corpus(sizes, seed, out_of_domain)
+    plan = plan_corpus(sizes, seed, out_of_domain, condition)
     consensus, detailed = [], []
     for u in plan:
         (root / "Transcripts" / u.name.replace(".wav", ".txt")).write_text(u.text + "\n")

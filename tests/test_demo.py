@@ -26,7 +26,16 @@ from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
 from adaltm_recipes import demo_corpus
 from adaltm_recipes.demo import _Jobs
-from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus, plan_corpus
+from adaltm_recipes.demo_corpus import (
+    AMBIGUOUS_SHARE,
+    IN_DOMAIN_VOICES,
+    LEXICAL_SHARE,
+    LEXICON,
+    OUT_OF_DOMAIN_VOICES,
+    PROFILES,
+    make_corpus,
+    plan_corpus,
+)
 from adaltm_upstream.expert import read_lambdas
 from tests.conftest import ROOT, launcher_env, run_bounded
 
@@ -268,3 +277,30 @@ def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, mon
     with pytest.raises(SystemExit) as exit_:
         main(["make-demo-corpus", str(tmp_path / "c")])
     assert exit_.value.code == 130 and capsys.readouterr().err == "adaltm: interrupted\n"
+
+
+def test_lexical_condition_adds_word_cues_and_ambiguous_prosody_to_the_same_corpus():
+    """Issue 29's corpus, checked without audio: the prosody condition's labels, speakers, splits and votes; half
+    of the labelled utterances carry a word of their class, 30 % the prosody of another class."""
+    sizes = {"Train": 2400, "Development": 300, "Test1": 300}
+    prosody, lexical = plan_corpus(sizes, seed=7), plan_corpus(sizes, seed=7, condition="lexical")
+    same = ("name", "split", "code", "voice", "votes")
+    assert [[getattr(u, f) for f in same] for u in prosody] == [[getattr(u, f) for f in same] for u in lexical]
+    every_word = {w for words in LEXICON.values() for w in words}
+    assert all(u.emotion_word is None and not set(u.text.split()) & every_word for u in prosody)
+    labelled = [u for u in lexical if u.code in LEXICON]
+    assert all(u.emotion_word is None for u in lexical if u.code not in LEXICON)
+    for code in LEXICON:
+        of_class = [u for u in labelled if u.code == code]
+        cued = [u for u in of_class if u.emotion_word]
+        assert abs(len(cued) / len(of_class) - LEXICAL_SHARE) < 4 * (0.25 / len(of_class)) ** 0.5, code
+        assert all(u.emotion_word in LEXICON[code] and u.text.split()[2] == u.emotion_word for u in cued)
+    ambiguous = [u for u in labelled if u.prosody_of != u.code]
+    assert abs(len(ambiguous) / len(labelled) - AMBIGUOUS_SHARE) < 0.03
+    for u in labelled:
+        profile = PROFILES[u.prosody_of]
+        assert profile.pitch[0] <= u.prosody[0] <= profile.pitch[1] and u.prosody[3] == profile.pitch_range
+    before = {u.name: u for u in prosody}
+    assert all(u.prosody == before[u.name].prosody for u in labelled if u.prosody_of == u.code)
+    assert plan_corpus({"Train": 50}, seed=1, out_of_domain=True, condition="lexical") == plan_corpus(
+        {"Train": 50}, seed=1, out_of_domain=True)                      # the out-of-domain ASR corpus: unchanged
