@@ -82,7 +82,8 @@ def export_classifier(states: str | Path, output: str | Path, config: str | None
     _check_representable(states_path, args, run.get("Config") or {}, head)
     output = Path(output)
     with atomic_directory(output) as tmp:
-        backbone, hidden, provenance = _export_backbone(states_path, args, config, tmp / "backbone")
+        backbone, hidden, provenance = _export_backbone(states_path, args, "Upstream" in run, config,
+                                                        tmp / "backbone")
         wavlm = WavLMConfig.from_pretrained(backbone)
         if wavlm.conv_bias and json.loads((backbone / "preprocessor_config.json").read_text())["do_normalize"]:
             raise UserError(f"{states_path}: the base normalises each waveform (eps 1e-5 in s3prl, 1e-7 in "
@@ -124,10 +125,11 @@ def _check_representable(states_path: Path, args: Namespace, run_config: dict, h
                         "extractor cannot do")
 
 
-def _export_backbone(states_path: Path, args: Namespace, config: str | None,
+def _export_backbone(states_path: Path, args: Namespace, has_upstream: bool, config: str | None,
                      out: Path) -> tuple[Path, str, dict]:
     """The run's WavLM as a `WavLMModel` directory through `adaltm export --format hf`; returns it, the run's
-    `hidden_states` convention and the export's provenance (naming the run's own config)."""
+    `hidden_states` convention and the export's provenance (naming the run's own config). `has_upstream`: the
+    states hold the upstream's own state (it trained)."""
     if args.upstream == "adaltm_wavlm":
         config = config or args.upstream_model_config
         if not config or not Path(config).is_file():
@@ -138,7 +140,7 @@ def _export_backbone(states_path: Path, args: Namespace, config: str | None,
         data.update(base=parsed.base, task_vectors=dict(parsed.task_vectors))  # absolute, -k applied
         hidden = parsed.hidden_states
     else:  # wavlm_local: its fine-tuned weights (-f) or its -k checkpoint, as a static merge without vectors
-        base = states_path if "Upstream" in torch_load(states_path, mmap=True) else args.upstream_ckpt
+        base = states_path if has_upstream else args.upstream_ckpt
         if not base or not Path(base).is_file():
             raise UserError(f"{states_path}: the run's -k checkpoint {base!r} is not found (a frozen wavlm_local "
                             "run keeps no weights of its own)")

@@ -28,6 +28,7 @@ from adaltm_core.audio import load_mono_16k
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CLASS_NAMES
+from adaltm_recipes.predict import export_and_score
 from adaltm_s3prl.classifier_export import export_classifier, layer_weights
 from tests.conftest import run_launcher, write_unilm_checkpoint, write_yaml
 from tests.corpus_factory import tone
@@ -121,6 +122,17 @@ def test_export_weights_layers_and_provenance(runs, tmp_path):
     provenance = json.loads((out / "adaltm_export.json").read_text())
     assert provenance["classifier"]["upstream"] == "adaltm_wavlm" and provenance["granularity"] == "layerwise"
     assert provenance["config"] == str(runs["layerwise"].parent / "layerwise.yaml")
+
+
+def test_export_and_score_gives_the_launchers_accuracy(runs, mini_msp, tmp_path):
+    """What the demo calls: the pipeline's accuracy on the launcher's test files equals the launcher's."""
+    rows = list(csv.DictReader(open(runs["wavlm_local"] / "test_predictions.tsv"), delimiter="\t"))
+    files = [mini_msp[0] / "Audios" / row["file"] for row in rows]
+    score = export_and_score(runs["wavlm_local"], tmp_path / "classifier", files, [int(r["label"]) for r in rows])
+    metrics = json.loads((runs["wavlm_local"] / "test_metrics.json").read_text())
+    assert score["n"] == metrics["n"] and score["accuracy"] == metrics["accuracy"] and score["uar"] == metrics["uar"]
+    launcher = np.array([[float(r[f"p_{k}"]) for k in range(8)] for r in rows])
+    assert np.abs(np.asarray(score["probabilities"]) - launcher).max() < 1e-4
 
 
 def write_folder(folder: Path) -> None:
