@@ -69,11 +69,11 @@ class Prediction:
     skipped: list[str] = field(default_factory=list)   # one line per unreadable file: "FILE: cause"
 
 
-def load_classifier(model: str | Path, device: str | None = None) -> Classifier:
+def load_classifier(model: str | Path, device: str | torch.device | None = None) -> Classifier:
     """An exported classifier directory, loaded on `device` (default: CUDA when available)."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-    path = Path(model)
+    path, target = Path(model), _device(device)
     if not (path / "config.json").is_file():
         raise UserError(f"{model}: not a classifier directory (no config.json); give the output of `adaltm export "
                         "--format hf-classifier`, or a run directory")
@@ -83,8 +83,7 @@ def load_classifier(model: str | Path, device: str | None = None) -> Classifier:
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{model}: not a transformers audio classifier ({first})") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    network = network.to(device).eval()
+    network = network.to(target).eval()
     config = network.config
     labels = [config.id2label[i] for i in range(config.num_labels)]
     receptive = 1
@@ -92,6 +91,19 @@ def load_classifier(model: str | Path, device: str | None = None) -> Classifier:
     for kernel, stride in reversed(list(geometry)):
         receptive = (receptive - 1) * stride + kernel
     return Classifier(network, extractor, labels, receptive, getattr(config, "feat_extract_norm", "") == "group")
+
+
+def _device(name: str | torch.device | None) -> torch.device:
+    """`--device`, checked: CUDA when available and nothing was asked."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
 
 
 def _model_directory(model: str | Path, scratch: Path) -> Path:
@@ -152,7 +164,7 @@ def _batches(spans: list[Span], size: int, equal_lengths_only: bool) -> Iterator
 
 
 def predict(model: str | Path, inputs: list[str | Path], output: str | Path, chunk: float | None = None,
-            device: str | None = None, batch_size: int = 8) -> Prediction:
+            device: str | torch.device | None = None, batch_size: int = 8) -> Prediction:
     """Write one row per file (or chunk) of `inputs` into `output` (.tsv or .csv); unreadable files are skipped and
     listed in the result."""
     output = Path(output)
@@ -163,7 +175,7 @@ def predict(model: str | Path, inputs: list[str | Path], output: str | Path, chu
         raise UserError(f"-o {output}: the output must end in .tsv or .csv")
     if output.is_dir():
         raise UserError(f"-o {output}: a folder; give a file name ending in .tsv or .csv")
-    started = time.monotonic()
+    started, device = time.monotonic(), _device(device)   # checked before a run is exported
     with tempfile.TemporaryDirectory(prefix="adaltm-predict-") as scratch:
         classifier = load_classifier(_model_directory(model, Path(scratch)), device)
         chunk_samples = None if chunk is None else max(int(round(chunk * SAMPLE_RATE)), classifier.min_samples)
@@ -175,6 +187,7 @@ def predict(model: str | Path, inputs: list[str | Path], output: str | Path, chu
             except AudioError as error:
                 skipped[index] = str(error)
                 continue
+            # the length after resampling, as torchaudio's resample makes it
             samples = math.ceil(meta.num_frames * SAMPLE_RATE / meta.sample_rate) if meta.sample_rate else 0
             if samples < classifier.min_samples:
                 skipped[index] = (f"{path}: too short ({samples} samples at 16 kHz; the model needs at least "
@@ -212,8 +225,10 @@ def _run(classifier: Classifier, files: list[Path], spans: list[Span], batch_siz
                 except AudioError as error:
                     skipped[span.file] = str(error)
                     continue
+                if len(wav) < span.end:   # the header's length, resampled, is exact for intact files
+                    skipped[span.file] = f"{files[span.file]}: decodes to fewer samples than its header says"
+                    continue
                 ready.append((span, wav[span.start:span.end]))
-            ready = [(s, w) for s, w in ready if len(w) >= classifier.min_samples]
             if ready:
                 for (span, _), p in zip(ready, classifier.probabilities([w for _, w in ready])):
                     results[span] = p

@@ -38,6 +38,16 @@ TRAIN = ("config.runner.total_steps=2,,config.runner.eval_step=2,,config.runner.
          "config.downstream_expert.datarc.num_workers=0,,config.downstream_expert.datarc.require_transcript=False")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: on a shared 2-core CPU a second OpenMP thread mostly spins (measured: the pipeline on 8
+    files took 3.4 s with 2 threads, 0.23 s with 1, under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mini_msp, merge_setup):
     """{kind: experiment directory} of three finished runs, each evaluated on Test1 by the launcher."""
@@ -239,18 +249,35 @@ def test_featurizer_selection_becomes_layer_weights():
 
 
 def test_predict_refuses_bad_requests_in_one_line(tmp_path, capsys):
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig
+
     folder = tmp_path / "audio"
     write_folder(folder)
     model = tmp_path / "model"
     model.mkdir()
+    tiny_classifier = tmp_path / "tiny_classifier"   # any stock audio classifier directory
+    WavLMForSequenceClassification(WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=16, conv_dim=(8,), conv_kernel=(10,),
+                                               conv_stride=(5,), num_conv_pos_embeddings=4,
+                                               num_conv_pos_embedding_groups=2, num_labels=8)).save_pretrained(
+        tiny_classifier)
+    Wav2Vec2FeatureExtractor().save_pretrained(tiny_classifier)
+    capsys.readouterr()
     for argv, message in [
         ([str(model), str(folder), "-o", str(folder / "short_16k.wav")], "is one of the audio inputs"),
         ([str(model), str(folder), "-o", str(tmp_path / "out.json")], "must end in .tsv or .csv"),
         ([str(model), str(tmp_path / "absent"), "-o", str(tmp_path / "o.tsv")], "absent: no such file or folder"),
         ([str(model), str(folder), "-o", str(tmp_path / "o.tsv")], "neither a classifier directory"),
+        ([str(tiny_classifier), str(folder), "-o", str(tmp_path / "o.tsv"), "--device", "cuda:64"],
+         "--device cuda:64: no such CUDA device here"),
+        ([str(tiny_classifier), str(folder), "-o", str(tmp_path / "o.tsv"), "--device", "gpu"],
+         "--device gpu: not a torch device"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             adaltm(["predict", *argv])
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and message in error and error.count("\n") == 1, error
     assert not (tmp_path / "o.tsv").exists()
+    with pytest.raises(SystemExit) as exit_:
+        adaltm(["predict", str(tiny_classifier), str(folder), "-o", str(tmp_path / "o.tsv"), "--chunk", "0"])
+    assert exit_.value.code == 2 and "--chunk: invalid positive_float value: '0'" in capsys.readouterr().err
