@@ -283,3 +283,13 @@ def test_predict_refuses_bad_requests_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         adaltm(["predict", str(tiny_classifier), str(folder), "-o", str(tmp_path / "o.tsv"), "--chunk", "0"])
     assert exit_.value.code == 2 and "--chunk: invalid positive_float value: '0'" in capsys.readouterr().err
+
+
+def test_export_asks_for_what_each_format_needs(tmp_path, capsys):
+    for argv, message in [(["--format", "hf"], "export --format hf: pass -g"),
+                          (["--format", "hf-classifier", "--init"], "--format hf-classifier: pass --states EXPDIR"),
+                          (["--format", "hf-classifier", "--states", str(tmp_path)], "no dev-best.ckpt in this run")]:
+        with pytest.raises(SystemExit) as exit_:
+            adaltm(["export", *argv, "-o", str(tmp_path / "out")])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in error and error.count("\n") == 1, error
