@@ -73,13 +73,38 @@ def _format_report(report: dict) -> str:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from adaltm_s3prl.classifier_export import export_classifier, find_states
     from adaltm_upstream.export import export, is_export
 
     check_output(args.output, [("-g config", args.config), ("--states", args.states)],
                  lambda path: is_export(path, args.format), f"adaltm export --format {args.format}")
-    out = export(args.config, args.states, args.output, args.format, at_init=args.init)
+    states = None if args.states is None else find_states(args.states)
+    if args.format == "hf-classifier":
+        if states is None:
+            raise UserError("export --format hf-classifier: pass --states EXPDIR (or EXPDIR/dev-best.ckpt) of a "
+                            "finished msp_podcast_cat run")
+        out = export_classifier(states, args.output, args.config)
+        print(f"wrote {out} (hf-classifier): WavLMForSequenceClassification with the run's merged WavLM, layer "
+              "weights and emotion head")
+        return
+    if args.config is None:
+        raise UserError(f"export --format {args.format}: pass -g, the adaltm_wavlm config of the run")
+    out = export(args.config, None if states is None else str(states), args.output, args.format, at_init=args.init)
     print(f"wrote {out} ({args.format}): merged WavLM weights at "
-          f"{'the configured initial' if args.states is None else 'the learned'} λ")
+          f"{'the configured initial' if states is None else 'the learned'} λ")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from adaltm_recipes.predict import predict
+
+    result = predict(args.model, args.audio, args.output, chunk=args.chunk, device=args.device,
+                     batch_size=args.batch_size)
+    for line in result.skipped:
+        print(f"adaltm: skipped {line}", file=sys.stderr)
+    print(f"wrote {result.output}: {result.rows} rows from {result.files} files ({result.seconds:.1f} s of audio) "
+          f"in {result.elapsed:.1f} s" + (f"; {len(result.skipped)} file(s) skipped" if result.skipped else ""))
+    if result.skipped:
+        sys.exit(2)
 
 
 def _plot_lambdas(args: argparse.Namespace) -> None:
@@ -163,6 +188,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     parser.set_defaults(resumable=False)   # `demo` and `superb` skip what finished when rerun
@@ -182,16 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     inspect.set_defaults(run=_inspect)
 
-    export = commands.add_parser("export", help="bake learned λ into plain WavLM weights")
-    export.add_argument("-g", "--config", required=True, help="the adaltm_wavlm config (-g) of the run")
+    export = commands.add_parser("export", help="bake learned λ into plain WavLM weights, or a run into a classifier")
+    export.add_argument("-g", "--config", help="the adaltm_wavlm config (-g) of the run (hf-classifier: read from the "
+                        "run's arguments when not given)")
     source = export.add_mutually_exclusive_group()
-    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ (a run "
+                        "directory: its dev-best.ckpt)")
     source.add_argument("--init", action="store_true",
                         help="export at the config's initial λ (merge.init), e.g. static task arithmetic")
-    export.add_argument("-o", "--output", required=True, help="output directory (hf) or file (s3prl)")
-    export.add_argument("--format", choices=["hf", "s3prl"], required=True,
-                        help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k")
+    export.add_argument("-o", "--output", required=True, help="output directory (hf, hf-classifier) or file (s3prl)")
+    export.add_argument("--format", choices=["hf", "s3prl", "hf-classifier"], required=True,
+                        help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k; "
+                        "hf-classifier: the emotion run as a WavLMForSequenceClassification directory")
     export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="emotion probabilities for audio files with a trained classifier")
+    predict.add_argument("model", help="a directory from `export --format hf-classifier`, or a run directory")
+    predict.add_argument("audio", nargs="+", help="audio files or folders (any rate and channel count)")
+    predict.add_argument("-o", "--output", required=True, help="OUT.tsv or OUT.csv: one row per file (or chunk)")
+    predict.add_argument("--chunk", type=positive_float, metavar="SECONDS",
+                         help="one row per chunk of this many seconds (long recordings)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    predict.add_argument("--batch-size", type=positive_int, default=8, help="recordings or chunks per forward")
+    predict.set_defaults(run=_predict)
 
     plot = commands.add_parser("plot-lambdas", help="λ per layer group, one line per task and run")
     plot.add_argument("expdirs", nargs="+", help="experiment directories of adaltm_wavlm runs")

@@ -62,7 +62,7 @@ def check_request(config_path: str, states_path: str | None, at_init: bool) -> U
 
 def is_export(path: Path, fmt: str) -> bool:
     """Whether `path` is what an earlier `adaltm export --format fmt` wrote (its provenance is inside)."""
-    if fmt == "hf":
+    if fmt in ("hf", "hf-classifier"):
         return (path / PROVENANCE).is_file()
     try:
         saved = torch_load(path, mmap=True) if path.is_file() else None
