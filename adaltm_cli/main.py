@@ -13,12 +13,15 @@ import sys
 # such processes side by side take 0.37 s a step each. An explicit setting in the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
-from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.errors import UserError, one_line, quiet_after_error, reportable
+from adaltm_core.files import atomic_write_text, check_output
 from adaltm_core.memory import return_freed_memory
 from adaltm_upstream import task_vectors
 
 
 def _extract(args: argparse.Namespace) -> None:
+    check_output(args.output, [("--base", args.base), ("--finetuned", args.finetuned)], task_vectors.is_task_vector,
+                 "adaltm task-vector extract")
     tensors, meta = task_vectors.extract(args.base, args.finetuned, dtype=args.dtype)
     task_vectors.save(args.output, tensors, meta)
     report = task_vectors.inspect([task_vectors.TaskVector(args.output, tensors, meta)])[0]
@@ -70,16 +73,45 @@ def _format_report(report: dict) -> str:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from adaltm_upstream.export import export
+    from adaltm_s3prl.classifier_export import export_classifier, find_states
+    from adaltm_upstream.export import export, is_export
 
-    out = export(args.config, args.states, args.output, args.format, at_init=args.init)
+    check_output(args.output, [("-g config", args.config), ("--states", args.states)],
+                 lambda path: is_export(path, args.format), f"adaltm export --format {args.format}")
+    states = None if args.states is None else find_states(args.states)
+    if args.format == "hf-classifier":
+        if states is None:
+            raise UserError("export --format hf-classifier: pass --states EXPDIR (or EXPDIR/dev-best.ckpt) of a "
+                            "finished msp_podcast_cat run")
+        out = export_classifier(states, args.output, args.config)
+        print(f"wrote {out} (hf-classifier): WavLMForSequenceClassification with the run's merged WavLM, layer "
+              "weights and emotion head")
+        return
+    if args.config is None:
+        raise UserError(f"export --format {args.format}: pass -g, the adaltm_wavlm config of the run")
+    out = export(args.config, None if states is None else str(states), args.output, args.format, at_init=args.init)
     print(f"wrote {out} ({args.format}): merged WavLM weights at "
-          f"{'the configured initial' if args.states is None else 'the learned'} λ")
+          f"{'the configured initial' if states is None else 'the learned'} λ")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from adaltm_recipes.predict import predict
+
+    result = predict(args.model, args.audio, args.output, chunk=args.chunk, device=args.device,
+                     batch_size=args.batch_size)
+    for line in result.skipped:
+        print(f"adaltm: skipped {line}", file=sys.stderr)
+    print(f"wrote {result.output}: {result.rows} rows from {result.files} files ({result.seconds:.1f} s of audio) "
+          f"in {result.elapsed:.1f} s" + (f"; {len(result.skipped)} file(s) skipped" if result.skipped else ""))
+    if result.skipped:
+        sys.exit(2)
 
 
 def _plot_lambdas(args: argparse.Namespace) -> None:
-    from adaltm_upstream.plotting import plot_lambdas
+    from adaltm_upstream.plotting import is_figure, plot_lambdas
 
+    check_output(args.output, [("experiment directory", path) for path in args.expdirs], is_figure,
+                 "adaltm plot-lambdas")
     print(f"wrote {plot_lambdas(args.expdirs, args.output)}")
 
 
@@ -87,7 +119,8 @@ def _make_demo_corpus(args: argparse.Namespace) -> None:
     from adaltm_recipes.demo_corpus import make_corpus
 
     sizes = {"Train": args.train, "Development": args.dev, "Test1": args.test}
-    root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain)
+    root = make_corpus(args.directory, sizes, seed=args.seed, out_of_domain=args.out_of_domain,
+                       condition=args.corpus)
     print(f"wrote {root}: {sum(sizes.values())} utterances in the MSP-Podcast release layout")
 
 
@@ -114,13 +147,14 @@ def _table(args: argparse.Namespace) -> None:
     from adaltm_upstream.config import describe
 
     fmt = results.format_of(args.output, args.format)
+    check_output(args.output, [("run directory", path) for path in [*args.runs, args.reference]], results.is_table,
+                 "adaltm table")
     runs = [results.load_run(r, args.split, describe=describe) for r in args.runs]
     reference = results.load_run(args.reference, args.split, describe=describe) if args.reference else None
     text = results.render(results.table_rows(runs, reference, args.resamples, args.by), fmt)
     if fmt == "md":
         text += "\n" + results.legend(reference, args.resamples, args.by) + "\n"
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    atomic_write_text(args.output, text)
     print(text, end="")
 
 
@@ -156,6 +190,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaltm", description="AdaLTM task vectors, merging and the demo")
     parser.set_defaults(resumable=False)   # `demo` and `superb` skip what finished when rerun
@@ -175,16 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     inspect.set_defaults(run=_inspect)
 
-    export = commands.add_parser("export", help="bake learned λ into plain WavLM weights")
-    export.add_argument("-g", "--config", required=True, help="the adaltm_wavlm config (-g) of the run")
+    export = commands.add_parser("export", help="bake learned λ into plain WavLM weights, or a run into a classifier")
+    export.add_argument("-g", "--config", help="the adaltm_wavlm config (-g) of the run (hf-classifier: read from the "
+                        "run's arguments when not given)")
     source = export.add_mutually_exclusive_group()
-    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ")
+    source.add_argument("--states", help="EXPDIR/states-N.ckpt or dev-best.ckpt holding the learned λ (a run "
+                        "directory: its dev-best.ckpt)")
     source.add_argument("--init", action="store_true",
                         help="export at the config's initial λ (merge.init), e.g. static task arithmetic")
-    export.add_argument("-o", "--output", required=True, help="output directory (hf) or file (s3prl)")
-    export.add_argument("--format", choices=["hf", "s3prl"], required=True,
-                        help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k")
+    export.add_argument("-o", "--output", required=True, help="output directory (hf, hf-classifier) or file (s3prl)")
+    export.add_argument("--format", choices=["hf", "s3prl", "hf-classifier"], required=True,
+                        help="hf: WavLMModel.from_pretrained directory; s3prl: file for -u wavlm_local -k; "
+                        "hf-classifier: the emotion run as a WavLMForSequenceClassification directory")
     export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="emotion probabilities for audio files with a trained classifier")
+    predict.add_argument("model", help="a directory from `export --format hf-classifier`, or a run directory")
+    predict.add_argument("audio", nargs="+", help="audio files or folders (any rate and channel count)")
+    predict.add_argument("-o", "--output", required=True, help="OUT.tsv or OUT.csv: one row per file (or chunk)")
+    predict.add_argument("--chunk", type=positive_float, metavar="SECONDS",
+                         help="one row per chunk of this many seconds (long recordings)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    predict.add_argument("--batch-size", type=positive_int, default=8, help="recordings or chunks per forward")
+    predict.set_defaults(run=_predict)
 
     plot = commands.add_parser("plot-lambdas", help="λ per layer group, one line per task and run")
     plot.add_argument("expdirs", nargs="+", help="experiment directories of adaltm_wavlm runs")
@@ -199,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--out-of-domain", action="store_true",
                         help="the out-of-domain ASR corpus: neutral prosody, other voices and sentences")
+    corpus.add_argument("--corpus", choices=["prosody", "lexical"], default="prosody",
+                        help="lexical: words carry part of the emotion and some prosody is another class's")
     corpus.set_defaults(run=_make_demo_corpus)
 
     compare = commands.add_parser("compare", help="paired bootstrap difference of two runs on the same test set")
@@ -260,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         if not reportable(error):
             raise
         print(f"adaltm: error: {one_line(error)}", file=sys.stderr)
+        quiet_after_error()
         sys.exit(2)
     except KeyboardInterrupt:
         resume = f" (finished stages are kept: rerun `adaltm {args.command}` to go on)" if args.resumable else ""

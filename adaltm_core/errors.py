@@ -8,6 +8,8 @@ reported the same way. Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import sys
+import threading
 
 # What the machine, not our code, refuses: a full disk, a quota, a read-only or unwritable place, a missing path.
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
@@ -33,3 +35,20 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename:
         text = f"{error.filename}: {error.strerror or text}"
     return text
+
+
+def quiet_after_error() -> None:
+    """Once the one error line is printed: what still writes at exit (tensorboardX's event file flushes in an atexit
+    callback and a thread) meets the same full disk, and Python would print its traceback under that line. Errors
+    of the user or the machine are dropped there; anything else is still shown."""
+    unraisable, thread = sys.unraisablehook, threading.excepthook
+
+    def quiet_unraisable(info):
+        if not reportable(info.exc_value):
+            unraisable(info)
+
+    def quiet_thread(info):
+        if not reportable(info.exc_value):
+            thread(info)
+
+    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread

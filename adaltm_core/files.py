@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from adaltm_core.errors import UserError
 
 
 def current_umask() -> int:
@@ -33,12 +37,50 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield tmp
+        with _naming(path, tmp):
+            yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # after writing: some writers (safetensors) create the file anew
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# How writers that do their own I/O report the OS's refusal: safetensors "... I/O error: No space left on device
+# (os error 28)"; torch.save raises its own RuntimeError with the OSError as its context.
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+@contextmanager
+def _naming(path: Path, tmp: str | os.PathLike) -> Iterator[None]:
+    """An error of the OS while writing `path` (a full disk, a quota) names `path`, not the temporary file or
+    nothing at all: Python's own write errors carry no file name, and other writers wrap them in their own error."""
+    try:
+        yield
+    except OSError as error:
+        named = os.fspath(error.filename) if error.filename is not None else None
+        if error.errno is None or (named is not None and not named.startswith(os.fspath(tmp))):
+            raise
+        inside = named[len(os.fspath(tmp)):] if named else ""  # a file inside a temporary directory
+        raise OSError(error.errno, error.strerror or os.strerror(error.errno), f"{path}{inside}") from error
+    except Exception as error:
+        code = _write_errno(error)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from error
+
+
+def _write_errno(error: BaseException | None) -> int | None:
+    """The errno of a failed write behind `error`: its own message's "(os error N)", or an OSError it was raised
+    while handling."""
+    while error is not None:
+        found = _OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if code in _WRITE_ERRNOS:
+            return code
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -53,8 +95,20 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     temporary file: the same object gives the same bytes."""
     import torch
 
-    with atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb") as file:
-        torch.save(obj, file)
+    with atomic_path(path, suffix=".ckpt") as tmp, open(tmp, "wb", buffering=0) as file:
+        torch.save(obj, file)  # unbuffered: a full disk reaches torch as the OSError itself, not as its RuntimeError
+
+
+def atomic_savefig(figure, path: str | os.PathLike, **options) -> None:
+    """A matplotlib figure through `atomic_path`, its format from `path`'s suffix (PNG without one); closed after."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            figure.savefig(tmp, **options)
+    finally:
+        plt.close(figure)
 
 
 @contextmanager
@@ -68,7 +122,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
-        yield tmp
+        with _naming(path, tmp):
+            yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if path.exists() or path.is_symlink():
@@ -80,3 +135,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_output(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
+                 earlier_output: Callable[[Path], bool], command: str, flag: str = "-o") -> None:
+    """Before any work: the output is none of the command's inputs (nor a directory holding one), and what is
+    already at the output path is an earlier output of the same command — anything else (a config, a checkpoint,
+    a directory of other files) would be replaced, so it is refused."""
+    out = Path(output)
+    if not (out.exists() or out.is_symlink()):
+        return
+    for name, source in inputs:
+        if source is None or not Path(source).exists():
+            continue
+        inside = out.resolve() in Path(source).resolve().parents
+        if inside or (out.exists() and os.path.samefile(out, source)):
+            raise UserError(f"{out}: {flag} would replace this command's {name} ({source}); write the output "
+                            "elsewhere")
+    if not earlier_output(out):
+        raise UserError(f"{out}: exists and is not an earlier output of `{command}`; it is left as it is: remove "
+                        f"it or choose another {flag}")

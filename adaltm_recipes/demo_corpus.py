@@ -6,14 +6,28 @@ MSP-like (neutral and happiness common; fear, contempt, disgust rare) plus X (no
 five simulated annotators vote, mostly for the intended class. Sentences follow a template
 ("verb the colour object number") and are the transcripts. The out-of-domain ASR corpus (the LibriSpeech role)
 has neutral prosody only, other voices and other sentences.
+
+Two conditions (`condition`): `prosody` (the default: the emotion is in the prosody only, the sentences are
+neutral) and `lexical`, where the words carry part of the emotion too — the test of the paper's claim that an ASR
+vector helps because words carry emotion. Decided before any run (issue 29), for the utterances with a class
+label: with probability LEXICAL_SHARE the colour word of the template is replaced by a word of the class's
+lexicon ("take the furious box three"), and with probability AMBIGUOUS_SHARE the utterance is spoken with the
+prosody of another class drawn uniformly, so that neither cue alone is perfect. These draws come from a generator
+of their own: labels, speakers, splits and votes are the prosody condition's, utterance for utterance.
+
+espeak-ng is not bit-deterministic every time (seen once: the first rendering on a fresh machine differed from
+every later one in 28,239 of 32,124 samples), so each utterance is rendered until two renderings agree byte for
+byte: the same seed gives the same corpus on every run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +64,16 @@ OUT_OF_DOMAIN_VOICES = {"Train": ["en-gb+m4", "en-gb+f4", "en-gb+m6", "en-gb+f1"
                         "Test1": ["en-gb+f3"]}
 IN_DOMAIN_WORDS = (["take", "bring", "find", "move", "drop", "hold"], ["red", "blue", "green", "white", "black"],
                    ["box", "cup", "ball", "book", "chair", "shoe"], ["one", "two", "three", "four", "five", "six"])
+# The lexical condition's emotion words, one list per class (neutral: plain descriptive words).
+LEXICON = {
+    "A": ["angry", "furious", "hateful", "violent"], "C": ["pathetic", "worthless", "useless", "stupid"],
+    "D": ["disgusting", "filthy", "nasty", "rotten"], "F": ["scary", "dangerous", "terrible", "frightening"],
+    "H": ["wonderful", "lovely", "happy", "brilliant"], "N": ["plain", "usual", "normal", "simple"],
+    "S": ["sad", "broken", "lonely", "hopeless"], "U": ["amazing", "unexpected", "strange", "sudden"],
+}
+LEXICAL_SHARE = 0.5       # of labelled utterances: an emotion word of the class replaces the colour word
+AMBIGUOUS_SHARE = 0.3     # of labelled utterances: the prosody of another class, drawn uniformly
+CONDITIONS = ("prosody", "lexical")
 OUT_OF_DOMAIN_WORDS = (["the farmer", "a sailor", "my neighbour", "the teacher"], ["walked", "looked", "waited"],
                        ["near the", "behind the", "under the"], ["river", "garden", "station", "market"])
 
@@ -59,13 +83,33 @@ def _sentence(words: tuple[list[str], ...], rng: random.Random, in_domain: bool)
     return f"{parts[0]} the {parts[1]} {parts[2]} {parts[3]}" if in_domain else " ".join(parts)
 
 
-def _synthesise(text: str, voice: str, pitch: int, speed: int, amplitude: int, pitch_range: str, out: Path) -> None:
+def render(text: str, voice: str, pitch: int, speed: int, amplitude: int, pitch_range: str, out: Path) -> None:
+    """One rendering of an utterance: espeak-ng's speech, resampled to 16 kHz mono 16-bit and trimmed by sox."""
     ssml = f"<speak><prosody range='{pitch_range}'>{text}</prosody></speak>"
     speech = subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude),
                              "-m", "--stdout", ssml], capture_output=True, check=True).stdout
     subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", str(out),
                     "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"],
                    input=speech, capture_output=True, check=True)
+
+
+RENDER_ATTEMPTS = 5
+
+
+def _synthesise(job: tuple, out: Path) -> None:
+    """Render `job` until one rendering has come out twice, and keep that one (atomically, at `out`)."""
+    seen: list[bytes] = []
+    with tempfile.TemporaryDirectory(prefix=".render-", dir=out.parent) as scratch:
+        for attempt in range(RENDER_ATTEMPTS):
+            candidate = Path(scratch) / f"{attempt}.wav"
+            render(*job, candidate)
+            data = candidate.read_bytes()
+            if data in seen:
+                candidate.replace(out)
+                return
+            seen.append(data)
+    raise UserError(f"{out}: espeak-ng and sox gave {RENDER_ATTEMPTS} different renderings of the same utterance; "
+                    "the corpus would not be reproducible (check the espeak-ng installation)")
 
 
 def _votes(code: str, rng: random.Random, annotators: int = 5) -> list[str]:
@@ -77,19 +121,31 @@ def _votes(code: str, rng: random.Random, annotators: int = 5) -> list[str]:
     return [code if rng.random() < 0.75 else rng.choice(classes + ["O"]) for _ in range(annotators)]
 
 
-def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False) -> Path:
-    """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
-    for tool in ("espeak-ng", "sox"):
-        if shutil.which(tool) is None:
-            raise UserError(f"{tool}: not installed (make demo installs espeak-ng and sox; or apt-get install {tool})")
-    root = Path(root)
-    for sub in ("Audios", "Labels", "Transcripts"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Utterance:
+    """One row of the corpus as planned: what is said, by which voice, with which prosody, and the votes."""
+    name: str
+    split: str
+    code: str                   # the consensus label (X: no agreement, O: other)
+    text: str
+    voice: str
+    prosody: tuple[int, int, int, str]   # espeak pitch, speed, amplitude; SSML pitch range
+    votes: tuple[str, ...]
+    prosody_of: str                      # the class whose profile `prosody` was drawn from
+    emotion_word: str | None = None      # the lexical condition's word, where the sentence carries one
+
+
+def plan_corpus(sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False,
+                condition: str = "prosody") -> list[Utterance]:
+    """Every utterance of the corpus, drawn from `seed` (no audio yet): labels and speaker splits can be checked
+    without rendering."""
+    if condition not in CONDITIONS:
+        raise UserError(f"--corpus: one of {', '.join(CONDITIONS)}, got {condition!r}")
     rng = random.Random(seed)
     voices = OUT_OF_DOMAIN_VOICES if out_of_domain else IN_DOMAIN_VOICES
     words = OUT_OF_DOMAIN_WORDS if out_of_domain else IN_DOMAIN_WORDS
     codes, weights = list(PROPORTIONS), list(PROPORTIONS.values())
-    jobs, consensus, detailed = [], [], []
+    plan = []
     for split, count in sizes.items():
         for i in range(count):
             if out_of_domain:
@@ -102,16 +158,48 @@ def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_d
             profile = PROFILES[acted]
             name = f"{'LIBRI' if out_of_domain else 'MSP-PODCAST'}_{split[:4].upper()}_{i:05d}.wav"
             text = _sentence(words, rng, not out_of_domain)
-            jobs.append((text, voice, rng.randint(*profile.pitch), rng.randint(*profile.speed),
-                         rng.randint(*profile.amplitude), profile.pitch_range, root / "Audios" / name))
-            (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(text + "\n")
-            consensus.append({"FileName": name, "EmoClass": code, "EmoAct": 4.0, "EmoVal": 4.0, "EmoDom": 4.0,
-                              "SpkrID": voice, "Gender": "Female" if "+f" in voice else "Male", "Split_Set": split})
-            for worker, vote in enumerate(_votes(code, rng)):
-                detailed.append({"FileName": name, "WorkerID": f"annotator{worker}", "EmoClass_Major": LONG_NAMES[vote],
-                                 "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
+            prosody = (rng.randint(*profile.pitch), rng.randint(*profile.speed), rng.randint(*profile.amplitude),
+                       profile.pitch_range)
+            plan.append(Utterance(name, split, code, text, voice, prosody, tuple(_votes(code, rng)), acted))
+    if condition == "lexical" and not out_of_domain:
+        cues = random.Random(f"lexical-{seed}")
+        plan = [_with_lexical_cues(u, cues) if u.code in PROFILES else u for u in plan]
+    return plan
+
+
+def _with_lexical_cues(u: Utterance, rng: random.Random) -> Utterance:
+    """The lexical condition for one labelled utterance (every draw made, so each utterance uses the same count)."""
+    lexical, word = rng.random() < LEXICAL_SHARE, rng.choice(LEXICON[u.code])
+    ambiguous, other = rng.random() < AMBIGUOUS_SHARE, rng.choice([c for c in PROFILES if c != u.code])
+    profile = PROFILES[other]
+    prosody = (rng.randint(*profile.pitch), rng.randint(*profile.speed), rng.randint(*profile.amplitude),
+               profile.pitch_range)
+    words = u.text.split()
+    words[2] = word if lexical else words[2]                   # "verb the COLOUR object number"
+    return dataclasses.replace(u, text=" ".join(words), prosody=prosody if ambiguous else u.prosody,
+                               prosody_of=other if ambiguous else u.prosody_of, emotion_word=word if lexical else None)
+
+
+def make_corpus(root: str | Path, sizes: dict[str, int], seed: int = 0, out_of_domain: bool = False,
+                condition: str = "prosody") -> Path:
+    """Write a corpus in the MSP-Podcast release layout; `sizes` = utterances per Split_Set."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool}: not installed (make demo installs espeak-ng and sox; or apt-get install {tool})")
+    root = Path(root)
+    for sub in ("Audios", "Labels", "Transcripts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    plan = plan_corpus(sizes, seed, out_of_domain, condition)
+    consensus, detailed = [], []
+    for u in plan:
+        (root / "Transcripts" / u.name.replace(".wav", ".txt")).write_text(u.text + "\n")
+        consensus.append({"FileName": u.name, "EmoClass": u.code, "EmoAct": 4.0, "EmoVal": 4.0, "EmoDom": 4.0,
+                          "SpkrID": u.voice, "Gender": "Female" if "+f" in u.voice else "Male", "Split_Set": u.split})
+        for worker, vote in enumerate(u.votes):
+            detailed.append({"FileName": u.name, "WorkerID": f"annotator{worker}", "EmoClass_Major": LONG_NAMES[vote],
+                             "EmoAct": 4, "EmoVal": 4, "EmoDom": 4})
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda job: _synthesise(*job), jobs))
+        list(pool.map(lambda u: _synthesise((u.text, u.voice, *u.prosody), root / "Audios" / u.name), plan))
     write_labels(root, consensus, detailed)
     return root
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from adaltm_core.errors import UserError
-from adaltm_core.files import atomic_path, atomic_torch_save, atomic_write_text
+from adaltm_core.files import atomic_savefig, atomic_torch_save, atomic_write_text
 from adaltm_core.safe_load import torch_load
 from adaltm_recipes.launch import run_downstream
 from adaltm_upstream.config import load as load_config
@@ -140,7 +140,5 @@ def plot_curve(result: dict, output: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"task arithmetic: λ* = {result['best_lambda']:g} by {result['select']}")
     fig.tight_layout()
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    atomic_savefig(fig, output, dpi=110)
     return output

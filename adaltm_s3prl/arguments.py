@@ -9,6 +9,7 @@ line naming the file or key (a `UserError`, which the launcher prints and exits 
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import os
 from collections.abc import Mapping
@@ -42,15 +43,17 @@ def known_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
-def check_command_line(argv: list[str], env: Mapping[str, str]) -> None:
-    """Every file, directory and override on the command line, before s3prl reads any of them."""
+def check_command_line(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Every file, directory and override on the command line, before s3prl reads any of them; returns notices."""
     known = known_arguments(argv)
+    notices: list[str] = []
     if known.help:
-        return
+        return notices
     if known.past_exp:
         states = check_states_file(known.past_exp, "-e")
         if known.mode == "train":
             check_resume_world(states, known.past_exp, known.local_rank is not None, int(env.get("WORLD_SIZE", 1)))
+        notices.append(resume_directory(states, known))
     if known.init_ckpt:
         check_states_file(known.init_ckpt, "-i")
     if known.config and not known.past_exp:
@@ -59,6 +62,37 @@ def check_command_line(argv: list[str], env: Mapping[str, str]) -> None:
         check_overrides(known.override)
     if known.expdir:
         check_output_directory(known.expdir)
+    return notices
+
+
+def asked_expdir(known: argparse.Namespace) -> str | None:
+    """Where the user asked a `-e` run to write: `-p`, or `-o args.expdir=...` (s3prl itself applies only the
+    latter on a resume; the launcher applies `-p` too, `registration._resume_where_asked`)."""
+    if known.expdir:
+        return known.expdir
+    for option in (known.override or "").split(",,"):
+        key, sep, value = option.partition("=")
+        if sep and key.strip() == "args.expdir":
+            return value.strip()
+    return None
+
+
+def resume_directory(states: dict, known: argparse.Namespace) -> str:
+    """s3prl writes a `-e` run into the directory recorded in the checkpoint, wherever the checkpoint now is: a
+    copied run overwrote the original's `dev-best.ckpt`. A checkpoint moved from its directory needs `-p`."""
+    target = Path(known.past_exp)
+    here = target if target.is_dir() else target.parent
+    asked = asked_expdir(known)
+    if asked:
+        return f"-e: this run writes to {asked} (as asked)"
+    saved = getattr(states["Args"], "expdir", None)
+    if saved is None:
+        return f"-e: this run writes to {here}"
+    if Path(saved).resolve() != here.resolve():
+        raise UserError(f"{target}: -e: this checkpoint was saved by the run in {saved}, and s3prl would write "
+                        f"into that directory (its checkpoints and metrics), not into {here}; pass -p DIR to "
+                        f"choose where this run writes (e.g. -p {here})")
+    return f"-e: this run writes to {saved} (the run's own directory)"
 
 
 @dataclass
@@ -116,6 +150,43 @@ def check_overrides(text: str) -> None:
                             "(several overrides are separated by ',,')")
         if first == "args" and len(key.strip().split(".")) != 2:
             raise UserError(f"-o: {key.strip()!r}: args overrides name one argument (args.NAME=VALUE)")
+
+
+def yaml_overrides(argv: list[str]) -> list[str]:
+    """`-o` values read the way config files are: s3prl `eval`s each value and keeps the text when that fails, so
+    `key=true` arrived as the string 'true' and `key=null` as 'null'. A value Python reads as a literal is left to
+    s3prl; any other value that YAML reads as something other than a string (true/false, null, [a, b]) is handed
+    on as its Python spelling."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-o", "--override") and i + 1 < len(out):
+            out[i + 1] = _yaml_values(out[i + 1])
+        elif arg.startswith("--override="):
+            out[i] = "--override=" + _yaml_values(arg[len("--override="):])
+        elif arg.startswith("-o") and not arg.startswith("--") and len(arg) > 2:
+            out[i] = "-o" + _yaml_values(arg[2:])
+    return out
+
+
+def _yaml_values(text: str) -> str:
+    options = []
+    for option in text.split(",,"):
+        key, sep, value = option.partition("=")
+        options.append(f"{key}={_yaml_value(value.strip())}" if sep and "=" not in value else option)
+    return ",,".join(options)
+
+
+def _yaml_value(text: str) -> str:
+    try:
+        ast.literal_eval(text)
+        return text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, str) else repr(value)
 
 
 def check_yaml(path: str, flag: str) -> None:
@@ -176,9 +247,46 @@ def _check_optimizer(optimizer: dict, where: str) -> None:
 
 def _bind(function, args: list, options: dict, where: str) -> None:
     signature = inspect.signature(function)
+    _check_values(signature, options, where)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return
     try:
         signature.bind(*args, **options)
     except TypeError as error:
         raise UserError(f"{where}: {error}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(signature: inspect.Signature, options: dict, where: str) -> None:
+    """Each option the factory names has the type of its default (`lr=fast` failed inside torch): a number, true or
+    false, or a list of numbers as long as the default tuple; a `float | None` parameter takes a number or null."""
+    for name, value in options.items():
+        parameter = signature.parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        default, annotation = parameter.default, str(parameter.annotation)
+        if isinstance(default, bool):
+            expected, ok = "true or false", isinstance(value, bool)
+        elif _is_number(default) or (default is None and ("float" in annotation or "int" in annotation)):
+            expected, ok = "a number" + (" or null" if default is None else ""), _is_number(value) or (
+                default is None and value is None)
+        elif isinstance(default, tuple) and all(map(_is_number, default)):
+            expected = f"a list of {len(default)} numbers"
+            ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        else:
+            continue
+        if not ok:
+            raise UserError(f"{where}.{name}: expected {expected}, got {value!r}{_yaml_number_hint(value)}")
+
+
+def _yaml_number_hint(value) -> str:
+    """PyYAML (YAML 1.1, as s3prl reads configs) takes `1e-4` for text: a float needs a dot (`1.0e-4`)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f" (YAML reads {value} as text; write a number with a dot, e.g. {float(value)!r})" \
+        if isinstance(value, str) else ""

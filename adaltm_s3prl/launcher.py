@@ -3,9 +3,9 @@
 The command line is s3prl's; before handing over to `s3prl.run_downstream.main()` the launcher
   1. checks every file, directory and override on it (`arguments.check_command_line`), applies the compatibility
      fixes (`compat`) and registers the plugin (`registration`, which also checks the run's config);
-  2. completes the arguments s3prl cannot infer itself (`prepare_argv`): the packaged config of a plugin
-     downstream, `--local_rank` from torchrun's LOCAL_RANK, the gloo backend and `--device cpu` without CUDA,
-     and `-f` for an `adaltm_wavlm` whose λ are trainable.
+  2. completes the arguments s3prl cannot infer itself (`prepare_argv`): `-o` values read as YAML (`true`, `null`),
+     the packaged config of a plugin downstream, `--local_rank` from torchrun's LOCAL_RANK, the gloo backend and
+     `--device cpu` without CUDA, and `-f` for an `adaltm_wavlm` whose λ are trainable.
 Errors the user or the machine can fix end as one line and exit status 2 (`adaltm_core.errors`).
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Mapping
 
 import torch
 
-from adaltm_core.errors import UserError, one_line, reportable
+from adaltm_core.errors import UserError, one_line, quiet_after_error, reportable
 from adaltm_s3prl import compat, registration
-from adaltm_s3prl.arguments import check_command_line, known_arguments
+from adaltm_s3prl.arguments import check_command_line, known_arguments, yaml_overrides
 
 LOG = logging.getLogger("adaltm")
 
@@ -28,6 +28,7 @@ LOG = logging.getLogger("adaltm")
 def prepare_argv(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """The argument list s3prl should see, and one notice line per argument added."""
     argv = [("--local_rank" + a[len("--local-rank"):]) if a.startswith("--local-rank") else a for a in argv]
+    argv = yaml_overrides(argv)
     known = known_arguments(argv)
     notices: list[str] = []
     if known.help:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in notices:
         print(f"[adaltm] {line}", file=sys.stderr)
     try:
-        check_command_line(argv, os.environ)
+        for line in check_command_line(argv, os.environ):
+            print(f"[adaltm] {line}", file=sys.stderr)
         applied = compat.apply_all()
         LOG.debug("compatibility fixes applied: %s", ", ".join(applied) or "none (not needed here)")
         registration.register()
@@ -78,4 +80,5 @@ def main(argv: list[str] | None = None) -> None:
         if not reportable(error):
             raise
         print(f"[adaltm] error: {one_line(error)}", file=sys.stderr)
+        quiet_after_error()
         sys.exit(2)

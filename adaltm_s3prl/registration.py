@@ -3,10 +3,12 @@ optimizers in `s3prl.optimizers`. s3prl has no entry-point mechanism, so the lau
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import adaltm_downstream
-from adaltm_s3prl.arguments import check_config
+from adaltm_s3prl.arguments import check_config, known_arguments
 
 DOWNSTREAM_DIR = Path(adaltm_downstream.__file__).resolve().parent
 
@@ -38,11 +40,16 @@ def register() -> None:
 
 
 def _checked_config(get_downstream_args):
-    """The run's config (the `-c` file, or the `-e` checkpoint's, after `-o`) checked before any model loads."""
+    """The run's config (the `-c` file, or the `-e` checkpoint's, after `-o`) checked before any model loads; a
+    `-e` run writes where `-p` says (s3prl would take the checkpoint's recorded directory over `-p`)."""
 
     def wrapped():
         args, config, backup_files = get_downstream_args()
         check_config(config, args.past_exp or args.config or "config")
+        asked = known_arguments(sys.argv[1:]).expdir if args.past_exp else None  # s3prl applies -o args.expdir
+        if asked:
+            args.expdir = asked
+            os.makedirs(asked, exist_ok=True)
         return args, config, backup_files
 
     return wrapped

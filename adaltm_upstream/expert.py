@@ -37,12 +37,11 @@ class WavLMUpstream(nn.Module):
     """What every `adaltm_wavlm` shares: s3prl's upstream interface around a `WavLMBackbone`, the states'
     fingerprint and their check on loading."""
 
-    def __init__(self, config: UpstreamConfig, sources: merge_sources.MergeSources):
+    def __init__(self, config: UpstreamConfig, fingerprint: str):
         super().__init__()
         self.config = config
         self.tasks = config.tasks
-        self.fingerprint = sources.fingerprint
-        self._expdir: str | None = None
+        self.fingerprint = fingerprint
 
     def _set_backbone(self, backbone: WavLMBackbone) -> None:
         self.backbone = backbone
@@ -55,14 +54,10 @@ class WavLMUpstream(nn.Module):
         return math.prod(self.backbone.config.conv_stride)
 
     def _outputs(self, wavs: list[torch.Tensor], params: dict[str, torch.Tensor] | None) -> dict:
-        states = self._run_backbone(wavs, params=params).hidden_states
-        result = {"hidden_states": states, "last_hidden_state": states[-1]}
-        result.update({f"hidden_state_{i}": s for i, s in enumerate(states)})
+        hidden = self._run_backbone(wavs, params=params).hidden_states
+        result = {"hidden_states": hidden, "last_hidden_state": hidden[-1]}
+        result.update({f"hidden_state_{i}": s for i, s in enumerate(hidden)})
         return result
-
-    def attach_experiment(self, expdir: str) -> None:
-        """Called by the launcher's runner hook so λ can be logged next to the runner's own tensorboard."""
-        self._expdir = expdir
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -78,7 +73,7 @@ class AdaLTMUpstream(WavLMUpstream):
                  vectors: list[TaskVector] | None = None):
         """`base` and `vectors` default to the files the config names (benchmarks pass them in memory)."""
         sources = merge_sources.load(config, base, vectors)
-        super().__init__(config, sources)
+        super().__init__(config, sources.fingerprint)
         # Base and vectors stream from their files straight into the merge's flat buffers; the backbone's
         # parameters are views of the base buffers. Peak: the buffers plus one tensor in flight.
         merge = GroupedMerge(sources.base.state, sources.pipeline(), sources.groups,
@@ -96,6 +91,7 @@ class AdaLTMUpstream(WavLMUpstream):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.log_step = 0
         self._writer = None
+        self._expdir: str | None = None
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
         result = self._outputs(wavs, self.merge() if self.merge.num_tasks else None)
@@ -116,6 +112,10 @@ class AdaLTMUpstream(WavLMUpstream):
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
         self.log_step = int(state.get("log_step", 0))
+
+    def attach_experiment(self, expdir: str) -> None:
+        """Called by the launcher's runner hook so λ can be logged next to the runner's own tensorboard."""
+        self._expdir = expdir
 
     def lambdas(self) -> torch.Tensor:
         """λ as merged (after merge.constraints), (rows × tasks): rows are groups, or tensors for tensorwise."""

@@ -36,6 +36,7 @@ from adaltm_upstream.methods.registry import record
 from adaltm_upstream.states import check_states
 
 FORMATS = ("hf", "s3prl")
+PROVENANCE = "adaltm_export.json"   # in an hf export: what was merged, from which λ
 
 
 def write_unilm_checkpoint(path: str | Path, config: WavLMConfig, normalize: bool, state: dict[str, torch.Tensor],
@@ -61,6 +62,17 @@ def check_request(config_path: str, states_path: str | None, at_init: bool) -> U
         raise UserError(f"{config_path}: {what}: pass --states EXPDIR/states-N.ckpt, or --init to export at "
                         "merge.init")
     return config
+
+
+def is_export(path: Path, fmt: str) -> bool:
+    """Whether `path` is what an earlier `adaltm export --format fmt` wrote (its provenance is inside)."""
+    if fmt in ("hf", "hf-classifier"):
+        return (path / PROVENANCE).is_file()
+    try:
+        saved = torch_load(path, mmap=True) if path.is_file() else None
+    except UserError:
+        return False
+    return isinstance(saved, dict) and "adaltm" in saved
 
 
 def export(config_path: str, states_path: str | None, output: str | Path, fmt: str, at_init: bool = False) -> Path:
@@ -149,7 +161,7 @@ def _write_hf(output: Path, base: Checkpoint, names: list[list[str]], groups: It
         (tmp / "preprocessor_config.json").write_text(json.dumps({
             "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
             "padding_value": 0.0, "do_normalize": base.normalize, "return_attention_mask": True}, indent=1))
-        (tmp / "adaltm_export.json").write_text(json.dumps(provenance, indent=1))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     return output
 
 

@@ -42,7 +42,7 @@ class MergedWeightsUpstream(WavLMUpstream):
     def __init__(self, config: UpstreamConfig, base: Checkpoint | None = None,
                  vectors: list[TaskVector] | None = None):
         sources = merge_sources.load(config, base, vectors)
-        super().__init__(config, sources)
+        super().__init__(config, sources.fingerprint)
         self._set_backbone(WavLMBackbone(sources.base.config, sources.base.normalize, config.hidden_states,
                                          sdpa=config.speed.sdpa_attention, weights=initial_weights(sources)))
         self.backbone.requires_grad_(True)

@@ -139,6 +139,15 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dic
         save_file({name: tensors[name] for name in tensors}, tmp, metadata={"adaltm": json.dumps(meta)})
 
 
+def is_task_vector(path: Path) -> bool:
+    """Whether `path` is a file `adaltm task-vector extract` wrote (so that writing it again replaces only that)."""
+    try:
+        load(path)
+    except TaskVectorError:
+        return False
+    return True
+
+
 def load(path: str | os.PathLike) -> TaskVector:
     path = Path(path)
     if not path.is_file():

@@ -8,6 +8,8 @@ fine-tuned copies, one unilm and one transformers directory), then runs, one pro
   build_frozen                `adaltm_wavlm` with no task vectors (the frozen-backbone baseline)
   build_adaltm                `adaltm_wavlm` with base + 2 task vectors (the AdaLTM upstream)
   export_hf / export_s3prl    `adaltm export --init` in both formats
+  forward_adaltm              build_adaltm, then one evaluation forward (1 × 4 s): what an evaluating process holds
+  train_adaltm                build_adaltm, then one training step of λ (2 × 4 s, backward to λ)
   build_<method>              build_adaltm with one of the merging methods of issue 27 (`METHOD_BUILDS`): their
                               whole-model passes and per-matrix SVDs on top of the build; by default the two with
                               the largest peak and time at 8 × 512 (Iso-CTS, TSV-Merge), the others with --steps
@@ -16,7 +18,9 @@ For each: wall time, the peak RSS of the process (VmHWM), its RSS right after th
 and transformers: ~0.7 GB that no step can avoid), and `ratio` = (peak − after imports) / minimum, where minimum is
 the bytes of the tensors the step must hold: one fp32 copy for extract (τ), the build's flat buffers (base + one
 copy per task vector) and one merged copy for export. inspect and export_hf need no copy at all; their ratio is
-given against one copy. Linux only (it reads /proc/self/status).
+given against one copy. The two running steps are measured against the build's three copies plus the merged copy
+an evaluating upstream keeps (four): their peak shows what a running process needs, activations and the weights'
+gradients included. Linux only (it reads /proc/self/status).
 
     nice -n 10 python benchmarks/memory.py                 # WavLM-Large, ~5 GB RAM per step, a few minutes
     python benchmarks/memory.py --layers 8 --width 512     # a smaller model
@@ -44,8 +48,9 @@ METHOD_BUILDS = {"build_emr": [{"name": "emr", "target": "ser"}],
                  "build_ties_model": [{"name": "ties", "top_k": 0.2, "aggregate": "sum", "scope": "model"}]}
 DEFAULT_METHOD_BUILDS = ("build_tsv", "build_iso_cts")
 STEPS = ("extract_asr", "extract_ser", "inspect", "build_frozen", "build_adaltm", "export_hf", "export_s3prl",
-         *METHOD_BUILDS)
+         "forward_adaltm", "train_adaltm", *METHOD_BUILDS)
 DEFAULT_STEPS = [step for step in STEPS if step not in METHOD_BUILDS or step in DEFAULT_METHOD_BUILDS]
+RUNNING = {"forward_adaltm": (1, 4.0), "train_adaltm": (2, 4.0)}   # batch, seconds per utterance
 TARGET = 1.15  # issue 14: peak ≤ 1.15× the tensors' bytes
 
 
@@ -132,6 +137,8 @@ def step_command(step: str, directory: Path) -> tuple[list[str] | None, str | No
         "inspect": (["task-vector", "inspect", f"{d}/asr.safetensors", f"{d}/ser.safetensors", "--json"], None),
         "build_frozen": (None, f"{d}/frozen.yaml"),
         "build_adaltm": (None, f"{d}/adaltm.yaml"),
+        "forward_adaltm": (None, f"{d}/adaltm.yaml"),
+        "train_adaltm": (None, f"{d}/adaltm.yaml"),
         "export_hf": (["export", "-g", f"{d}/adaltm.yaml", "--init", "-o", f"{d}/merged_hf", "--format", "hf"], None),
         "export_s3prl": (["export", "-g", f"{d}/adaltm.yaml", "--init", "-o", f"{d}/merged.pt", "--format",
                           "s3prl"], None),
@@ -155,12 +162,26 @@ def child(step: str, directory: Path) -> dict:
     reset_peak()
     start = time.perf_counter()
     if config is not None:
-        hubconf.adaltm_wavlm(model_config=config)
+        upstream = hubconf.adaltm_wavlm(model_config=config)
+        if step in RUNNING:
+            run(upstream, *RUNNING[step], train=step.startswith("train"))
     else:
         with contextlib.redirect_stdout(io.StringIO()):
             cli(argv)
     wall = time.perf_counter() - start
     return {"wall_s": round(wall, 2), "after_imports": after_imports, "peak": status()["VmHWM"]}
+
+
+def run(upstream, batch: int, seconds: float, train: bool) -> None:
+    """One evaluation forward, or one training step of λ (forward, a loss on every hidden state, backward)."""
+    import torch
+
+    wavs = [torch.randn(int(seconds * 16000), generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(batch)]
+    upstream.train(train)
+    with torch.set_grad_enabled(train):
+        states = upstream(wavs)["hidden_states"]
+        if train:
+            sum(state.pow(2).mean() for state in states).backward()
 
 
 def measure(step: str, directory: Path, env: dict | None = None) -> dict:
@@ -173,7 +194,8 @@ def measure(step: str, directory: Path, env: dict | None = None) -> dict:
 
 
 def minimum(step: str, one_copy: int) -> int:
-    return {"build_adaltm": 3 * one_copy, **dict.fromkeys(METHOD_BUILDS, 3 * one_copy)}.get(step, one_copy)
+    return {"build_adaltm": 3 * one_copy, **dict.fromkeys(METHOD_BUILDS, 3 * one_copy),
+            **dict.fromkeys(RUNNING, 4 * one_copy)}.get(step, one_copy)
 
 
 def main(argv: list[str] | None = None) -> None:

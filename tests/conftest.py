@@ -137,6 +137,22 @@ def tensors():
     return base, [asr, ser], [["a", "b"], ["c"]]
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 16 KiB tmpfs: a real full disk (ENOSPC as the kernel gives it). Mounting needs root (as
+    `make test` has, to install espeak-ng and sox); without it, the test is skipped with the reason."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 def build_merge(base, vectors, groups, granularity, init, frozen_groups=frozenset(), constraints=(), ops=(),
                 tasks=None):
     """`GroupedMerge` over plain named tensors, its vector operations fitted as the upstream fits them."""

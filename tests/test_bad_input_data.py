@@ -87,6 +87,20 @@ def test_every_data_problem_is_listed_in_one_message(msp):
     assert repr("É".encode("latin-1")) in message  # the offending byte is shown
 
 
+def test_label_file_names_that_leave_the_audio_directory_are_refused(msp):
+    labels = msp / "Labels" / "labels_consensus.csv"
+    lines = labels.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("FileName,")
+    for bad in ("../../../../etc/passwd", "/etc/passwd"):
+        _append(labels, ",".join([bad, *lines[2].split(",")[1:]]))
+    with pytest.raises(CorpusError) as info:
+        _datarc(msp).load_splits()
+    message = str(info.value)
+    for line, bad in enumerate(("../../../../etc/passwd", "/etc/passwd"), len(lines) + 1):
+        assert f"{labels}:{line}: FileName {bad!r} leaves the audio directory" in message, message
+    assert "passwd: " not in message                   # refused before anything was read from there
+
+
 def test_utf8_transcripts_are_kept_exactly_and_min_samples_is_a_setting(msp):
     transcript = msp / "Transcripts" / "MSP-PODCAST_Deve_0000.txt"
     transcript.write_text("CAFÉ OLÉ\n", encoding="utf-8")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import errno
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 from adaltm_core.errors import UserError, one_line
 from adaltm_s3prl import arguments, compat
-from tests.conftest import example_config, run_launcher, write_yaml
+from tests.conftest import ROOT, example_config, run_launcher, write_yaml
 
 
 @pytest.fixture
@@ -84,9 +87,18 @@ def test_runner_and_optimizer_sections():
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adamm"}}, "torch_optim_name: not a torch.optim"),
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lrr": 1}}, "unexpected keyword"),
         ({"downstream_expert": None}, "downstream_expert: missing"),
+        ({"optimizer": {"name": "AdamW", "lr": "fast"}}, "cfg.yaml: optimizer.lr: expected a number, got 'fast'"),
+        ({"optimizer": {"name": "AdamW", "lr": "1e-4"}}, "got '1e-4' (YAML reads 1e-4 as text; write a number with"),
+        ({"optimizer": {"name": "DifferentialAdamW", "lambda_lr": True}}, "lambda_lr: expected a number or null"),
+        ({"optimizer": {"name": "DifferentialAdamW", "betas": [0.9]}}, "betas: expected a list of 2 numbers"),
+        ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "amsgrad": "yes"}},
+         "optimizer.amsgrad: expected true or false, got 'yes'"),
     ]
     for change, expected in cases:
         assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml"), expected
+    for optimizer in ({"name": "DifferentialAdamW", "lr": 1e-2, "lambda_lr": None, "betas": [0.9, 0.98]},
+                      {"name": "TorchOptim", "torch_optim_name": "SGD", "lr": 1, "nesterov": False}):
+        arguments.check_config({**good, "optimizer": optimizer}, "cfg.yaml")
 
 
 def test_worker_and_machine_errors_become_one_line():
@@ -191,3 +203,30 @@ def test_every_command_reports_an_unwritable_output_in_one_line(tmp_path, merge_
               "-o", str(blocker / "tv.safetensors")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("error:") == 1 and "a_file" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_nothing_is_printed_under_the_error_line_by_flushes_at_exit(quiet):
+    """tensorboardX flushes its event file in an atexit callback (and a writer thread): on a full disk Python
+    printed that traceback under the one error line. The control run shows the traceback the hook removes."""
+    script = textwrap.dedent(f"""
+        import atexit, errno, sys, threading
+        from adaltm_core.errors import quiet_after_error
+        def flush():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        atexit.register(flush)
+        print("[adaltm] error: exp/states-2.ckpt: No space left on device", file=sys.stderr)
+        if {quiet}:
+            quiet_after_error()
+        writer = threading.Thread(target=flush)
+        writer.start()
+        writer.join()
+        sys.exit(2)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    if quiet:
+        assert lines == ["[adaltm] error: exp/states-2.ckpt: No space left on device"], done.stderr
+    else:
+        assert "Exception ignored in atexit callback" in done.stderr and "Exception in thread" in done.stderr

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from concurrent.futures import wait
@@ -23,10 +24,20 @@ from tqdm import tqdm
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_downstream.common.corpus import CorpusSpec, load_corpus
+from adaltm_recipes import demo_corpus
 from adaltm_recipes.demo.jobs import JobPool
-from adaltm_recipes.demo_corpus import IN_DOMAIN_VOICES, OUT_OF_DOMAIN_VOICES, make_corpus
+from adaltm_recipes.demo_corpus import (
+    AMBIGUOUS_SHARE,
+    IN_DOMAIN_VOICES,
+    LEXICAL_SHARE,
+    LEXICON,
+    OUT_OF_DOMAIN_VOICES,
+    PROFILES,
+    make_corpus,
+    plan_corpus,
+)
 from adaltm_upstream.states import read_lambdas
-from tests.conftest import ROOT, launcher_env
+from tests.conftest import ROOT, launcher_env, run_bounded
 
 SIZES = {"Train": 40, "Development": 12, "Test1": 12}
 
@@ -56,9 +67,40 @@ def test_corpus_is_deterministic_speaker_disjoint_and_msp_like(tmp_path):
     assert sum(len(v) for v in loaded.values()) == sum(SIZES.values())
     assert all(u.transcript and 0.3 < u.seconds < 6 for v in loaded.values() for u in v)
 
-    big = make_corpus(tmp_path / "big", {"Train": 400}, seed=0)
-    classes = Counter(r["EmoClass"] for r in csv.DictReader(open(big / "Labels" / "labels_consensus.csv")))
+    classes = Counter(u.code for u in plan_corpus({"Train": 400}, seed=0))   # the labels, without the audio
     assert set(classes) == set("ACDFHNSUXO") and classes["N"] > classes["F"]
+
+
+def test_corpus_is_the_same_when_the_synthesiser_errs_once(tmp_path, monkeypatch):
+    """espeak-ng once rendered an utterance differently on a fresh machine: a corpus made while the synthesiser
+    errs once must still be the seed's corpus, byte for byte."""
+    sizes, real, calls, lock = {"Train": 6, "Test1": 2}, demo_corpus.render, [], threading.Lock()
+
+    def errs_once(*job):
+        real(*job)
+        with lock:
+            calls.append(job[-1])
+            first = len(calls) == 1
+        if first:                                      # same length, other samples: what was seen on that machine
+            data = bytearray(job[-1].read_bytes())
+            data[-2000:] = bytes(255 - b for b in data[-2000:])
+            job[-1].write_bytes(data)
+
+    monkeypatch.setattr(demo_corpus, "render", errs_once)
+    flaky = make_corpus(tmp_path / "flaky", sizes, seed=3)
+    monkeypatch.undo()
+    assert _digest(flaky) == _digest(make_corpus(tmp_path / "good", sizes, seed=3))
+    assert len(calls) == 2 * 8 + 1                      # each rendered until two renderings agreed; one erred
+
+
+def test_corpus_refuses_a_synthesiser_that_never_agrees(tmp_path, monkeypatch):
+    def noise(*job):
+        job[-1].write_bytes(os.urandom(64))
+
+    monkeypatch.setattr(demo_corpus, "render", noise)
+    with pytest.raises(UserError, match="MSP-PODCAST_TRAI_00000.wav: espeak-ng and sox gave 5 different renderings"):
+        make_corpus(tmp_path / "bad", {"Train": 1}, seed=0)
+    assert not list((tmp_path / "bad" / "Audios").iterdir())   # no partial file, no scratch directory left
 
 
 def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
@@ -72,8 +114,8 @@ def test_out_of_domain_corpus_is_neutral_with_other_voices(tmp_path):
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"  # given relative to the working directory, as `make demo`'s default is
-    done = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", "demo"],
-                          cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=400)
+    done = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", "demo"], 600,
+                       cwd=tmp_path, env=launcher_env())            # on a timeout, its workers are killed too
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in rows]
@@ -112,8 +154,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert read_lambdas(emr_states)[1].shape == lambdas.shape             # the preset's method, λ per layer
     assert "rows in" in done.stdout
 
-    again = subprocess.run([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)],
-                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=200)
+    again = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)], 300,
+                        cwd=ROOT, env=launcher_env())
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
 
 
@@ -242,3 +284,30 @@ def test_demo_cli_refuses_zero_jobs_and_reports_ctrl_c_in_one_line(tmp_path, mon
     with pytest.raises(SystemExit) as exit_:
         main(["make-demo-corpus", str(tmp_path / "c")])
     assert exit_.value.code == 130 and capsys.readouterr().err == "adaltm: interrupted\n"
+
+
+def test_lexical_condition_adds_word_cues_and_ambiguous_prosody_to_the_same_corpus():
+    """Issue 29's corpus, checked without audio: the prosody condition's labels, speakers, splits and votes; half
+    of the labelled utterances carry a word of their class, 30 % the prosody of another class."""
+    sizes = {"Train": 2400, "Development": 300, "Test1": 300}
+    prosody, lexical = plan_corpus(sizes, seed=7), plan_corpus(sizes, seed=7, condition="lexical")
+    same = ("name", "split", "code", "voice", "votes")
+    assert [[getattr(u, f) for f in same] for u in prosody] == [[getattr(u, f) for f in same] for u in lexical]
+    every_word = {w for words in LEXICON.values() for w in words}
+    assert all(u.emotion_word is None and not set(u.text.split()) & every_word for u in prosody)
+    labelled = [u for u in lexical if u.code in LEXICON]
+    assert all(u.emotion_word is None for u in lexical if u.code not in LEXICON)
+    for code in LEXICON:
+        of_class = [u for u in labelled if u.code == code]
+        cued = [u for u in of_class if u.emotion_word]
+        assert abs(len(cued) / len(of_class) - LEXICAL_SHARE) < 4 * (0.25 / len(of_class)) ** 0.5, code
+        assert all(u.emotion_word in LEXICON[code] and u.text.split()[2] == u.emotion_word for u in cued)
+    ambiguous = [u for u in labelled if u.prosody_of != u.code]
+    assert abs(len(ambiguous) / len(labelled) - AMBIGUOUS_SHARE) < 0.03
+    for u in labelled:
+        profile = PROFILES[u.prosody_of]
+        assert profile.pitch[0] <= u.prosody[0] <= profile.pitch[1] and u.prosody[3] == profile.pitch_range
+    before = {u.name: u for u in prosody}
+    assert all(u.prosody == before[u.name].prosody for u in labelled if u.prosody_of == u.code)
+    assert plan_corpus({"Train": 50}, seed=1, out_of_domain=True, condition="lexical") == plan_corpus(
+        {"Train": 50}, seed=1, out_of_domain=True)                      # the out-of-domain ASR corpus: unchanged

@@ -143,7 +143,7 @@ def test_corpus_errors_name_the_cause_and_the_key(tree):
     with pytest.raises(CorpusError) as untranscribed:
         fixed.load_splits()
     assert "has a transcript" in str(untranscribed.value)
-    assert "datarc.require_transcript=False" in str(untranscribed.value)
+    assert "datarc.require_transcript=false" in str(untranscribed.value)
 
 
 def test_first_ten_seconds_and_training_statistics(tmp_path, tree):

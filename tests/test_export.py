@@ -104,8 +104,8 @@ def test_missing_states_is_refused_from_the_config_alone(merge_setup, tmp_path, 
 def test_hf_output_directory_is_replaced_atomically(merge_setup, tmp_path, capsys):
     config = _config(tmp_path, merge_setup)
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    cli(["export", "-g", str(config), "--init", "-o", str(out), "--format", "hf"])
+    (out / "stale.txt").write_text("old")    # an earlier export (only that may be replaced) with a stray file
     cli(["export", "-g", str(config), "--init", "-o", str(out), "--format", "hf"])
     assert sorted(p.name for p in out.iterdir()) == ["adaltm_export.json", "config.json", "model.safetensors",
                                                      "preprocessor_config.json"]

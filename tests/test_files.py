@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from adaltm_cli import main as cli
-from adaltm_core.files import atomic_torch_save, atomic_write_text, current_umask
+from adaltm_core.files import atomic_path, atomic_torch_save, atomic_write_text, current_umask
 from adaltm_s3prl import compat
 from adaltm_upstream import task_vectors
 from tests.conftest import write_yaml
@@ -76,3 +77,25 @@ def test_the_same_checkpoint_saved_twice_has_the_same_bytes(tmp_path):
     atomic_torch_save(obj, tmp_path / "b" / "base.pt")
     assert (tmp_path / "a" / "base.pt").read_bytes() == (tmp_path / "b" / "base.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "a" / "base.pt", weights_only=True)["model"]["w"], obj["model"]["w"])
+
+
+@pytest.mark.parametrize("failure", ["python", "safetensors", "torch"])
+def test_a_failed_write_names_the_file_however_the_writer_reports_it(tmp_path, failure):
+    """Without a real full disk (tests/test_bad_input_outputs.py has one): the three shapes a full disk takes."""
+    def write(tmp):
+        if failure == "python":
+            raise OSError(errno.ENOSPC, "No space left on device")            # what file.write raises: no name
+        if failure == "safetensors":
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError) as info, atomic_path(target) as tmp:
+        write(tmp)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="unrelated"), atomic_path(target):
+        raise RuntimeError("unrelated")                                     # other errors pass unchanged

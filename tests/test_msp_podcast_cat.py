@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
+from adaltm_core.safe_load import torch_load
 from adaltm_core.settings import SettingsError, parse
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, CorpusError, CorpusSpec, load_corpus
-from adaltm_downstream.common.data import DataSettings, UtteranceDataset
+from adaltm_downstream.common.data import DataSettings, UtteranceDataset, make_loader
 from tests.conftest import run_launcher
 from tests.corpus_factory import tone, write_mini_msp
 
@@ -111,7 +114,7 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     override = (f"config.downstream_expert.datarc.root={root},,config.runner.total_steps=4,,"
                 "config.runner.eval_step=2,,config.runner.save_step=2,,config.runner.log_step=2,,"
                 "config.downstream_expert.datarc.batch_size=4,,config.downstream_expert.datarc.num_workers=0,,"
-                "config.downstream_expert.datarc.require_transcript=False")
+                "config.downstream_expert.datarc.require_transcript=false")
     train = run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "msp_podcast_cat",
                           "-p", str(expdir), "-o", override], cwd=tmp_path)  # no -c: the packaged config
     assert "using the packaged config" in train.stderr and "[msp_podcast_cat] dev (Development) step 2" in train.stderr
@@ -138,3 +141,41 @@ def test_launcher_trains_and_evaluates_with_stock_wavlm_local(tmp_path, corpus, 
     run_launcher(["-m", "inference", "-e", str(expdir / "dev-best.ckpt"), "-t", str(stereo)], cwd=tmp_path)
     name, emotion, probabilities = (expdir / "inference.tsv").read_text().strip().split("\t")
     assert name == "question" and emotion in CLASS_NAMES and len(probabilities.split()) == 8
+
+
+def test_data_loader_workers_are_capped_at_the_usable_cpus(corpus, monkeypatch, capsys):
+    """A preset's `num_workers: 4` on a 2-CPU machine: 2 workers and one notice, not torch's warning."""
+    root, _ = corpus
+    utterances = load_corpus(CorpusSpec(root), ["Train"])["Train"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    settings = parse(DataSettings, {"root": str(root), "num_workers": 4}, "downstream_expert.datarc")
+    loader = make_loader(utterances, lambda u: (u.label,), settings, train=True, name="train")
+    assert loader.num_workers == 2
+    assert "datarc.num_workers 4 capped at the 2 usable CPUs" in capsys.readouterr().err
+    settings = parse(DataSettings, {"root": str(root), "num_workers": 1}, "downstream_expert.datarc")
+    assert make_loader(utterances, lambda u: (u.label,), settings, train=False, name="dev").num_workers == 1
+    assert "capped" not in capsys.readouterr().err
+
+
+def test_a_run_resumed_mid_epoch_ends_where_an_uninterrupted_one_ends(tmp_path, corpus, tiny_unilm):
+    """What a run killed after its step-4 checkpoint leaves is that checkpoint: resumed from it (elsewhere, -p),
+    the run reaches step 6 with the same weights, bit for bit, as the run that went on. Mid-epoch (11 batches an
+    epoch), with head dropout, random crops, a data-loader worker and an evaluation in between."""
+    root, _ = corpus
+    override = (f"config.downstream_expert.datarc.root={root},,config.runner.total_steps=6,,"
+                "config.runner.eval_step=3,,config.runner.save_step=2,,config.runner.log_step=2,,"
+                "config.runner.max_keep=10,,config.downstream_expert.datarc.batch_size=2,,"
+                "config.downstream_expert.datarc.num_workers=1,,config.downstream_expert.datarc.crop_seconds=0.5,,"
+                "config.downstream_expert.datarc.require_transcript=false,,"
+                "config.downstream_expert.emotion.hidden_dim=8,,config.downstream_expert.emotion.dropout=0.5")
+    went_on, resumed = tmp_path / "went_on", tmp_path / "resumed"
+    run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "msp_podcast_cat",
+                  "-p", str(went_on), "-o", override], cwd=tmp_path)
+    result = run_launcher(["-m", "train", "-e", str(went_on / "states-4.ckpt"), "-p", str(resumed)], cwd=tmp_path)
+    a, b = (torch_load(run / "states-6.ckpt") for run in (went_on, resumed))
+    assert a["Step"] == b["Step"] == 6 and a["Epoch"] == b["Epoch"] == 0
+    for entry in ("Downstream", "Featurizer"):
+        tensors = [k for k, v in a[entry].items() if isinstance(v, torch.Tensor)]
+        assert tensors and all(torch.equal(a[entry][k], b[entry][k]) for k in tensors), entry
+    assert "resuming after its batch 4" in result.stderr
+    assert a["Downstream"]["_extra_state"]["training_position"]["consumed"] == 6

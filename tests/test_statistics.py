@@ -10,6 +10,7 @@ from pathlib import Path
 import confidence_intervals  # the oracle: a test dependency (pyproject's `test` extra, pinned in constraints.txt)
 import numpy as np
 import pytest
+import yaml
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from adaltm_cli.main import main
@@ -141,3 +142,26 @@ def test_table_marks_rows_that_differ_from_the_reference(tmp_path, runs, suffix,
         assert near.split(",")[4] == "no" and weak.split(",")[4] == "yes"
     else:
         assert text.startswith(r"\begin{tabular}{lccc}") and text.count(r"$^\dagger$") == 3
+
+
+def test_table_tells_apart_runs_that_share_a_config(tmp_path, runs):
+    """Two runs of one `-g` config with other `-o` values get the settings that differ in their row names."""
+    config = tmp_path / "dual.yaml"
+    config.write_text("base: /m/base.pt\ntask_vectors: {asr: /v/asr.safetensors, ser: /v/ser.safetensors}\n")
+    rows = {}
+    for lr, seed in ((1e-3, 0), (1e-4, 0), (1e-4, 1)):
+        expdir = write_run(tmp_path / f"lr{lr}-{seed}", runs["labels"], runs["good_pred"], runs["speakers"])
+        (expdir / "args_2026-12-06.yaml").write_text(yaml.safe_dump(
+            {"upstream": "adaltm_wavlm", "upstream_model_config": str(config), "downstream": "msp_podcast_cat",
+             "expdir": str(expdir), "seed": seed}))
+        (expdir / "config_2026-12-06.yaml").write_text(yaml.safe_dump(
+            {"optimizer": {"name": "AdamW", "lr": lr}, "runner": {"total_steps": 100}}))
+        rows[(lr, seed)] = expdir
+    twins = [write_run(tmp_path / parent / "run", runs["labels"], runs["weak_pred"], runs["speakers"])
+             for parent in ("a", "b")]
+    out = tmp_path / "table.md"
+    main(["table", *map(str, rows.values()), *map(str, twins), "-o", str(out)])
+    names = [line.split(" | ")[0][2:] for line in out.read_text().splitlines()[2:7]]
+    shared = "asr+ser vectors, layerwise λ"
+    assert names == [f"{shared} [optimizer.lr=0.001, seed=0]", f"{shared} [optimizer.lr=0.0001, seed=0]",
+                     f"{shared} [optimizer.lr=0.0001, seed=1]", f"run [{twins[0]}]", f"run [{twins[1]}]"]

@@ -114,7 +114,24 @@ def _malformed_row(row: dict, required: tuple[str, ...], width: int) -> str | No
 
 
 def _row_problems(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
-    return _duplicate_rows(path, rows) + _split_leaks(path, rows)
+    """Problems across rows. Rows whose FileName leaves the audio directory are also taken out of `rows`, so that
+    nothing is ever read from there."""
+    outside = _outside_audio(path, rows)
+    rows[:] = [(line, row) for line, row in rows if line not in outside]
+    return list(outside.values()) + _duplicate_rows(path, rows) + _split_leaks(path, rows)
+
+
+def _outside_audio(path: Path, rows: list[tuple[int, dict[str, str]]]) -> dict[int, str]:
+    """A FileName is a path inside the audio directory: `../../etc/passwd` or `/abs/x.wav` would be read from
+    anywhere on the machine."""
+    problems = {}
+    for line, row in rows:
+        name = row["FileName"].strip()
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+            problems[line] = (f"{path}:{line}: FileName {name!r} leaves the audio directory; label files name "
+                              "files inside it (Audios/<FileName>)")
+    return problems
 
 
 def _duplicate_rows(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
@@ -268,7 +285,7 @@ def load_corpus(spec: CorpusSpec, splits: list[str], keys: dict[str, str] | None
             problems.append(f"{spec.root}: no utterance of Split_Set {', '.join(untranscribed)} has a transcript "
                             f"in {spec.root / 'Transcripts'}, and transcripts are required (datarc."
                             "require_transcript: true, or a downstream that trains ASR); for emotion alone set "
-                            "-o config.downstream_expert.datarc.require_transcript=False")
+                            "-o config.downstream_expert.datarc.require_transcript=false")
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
         problems += [p for p in pool.map(_probe, wanted, [spec.min_samples] * len(wanted)) if p]
     if problems:

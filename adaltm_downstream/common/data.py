@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -126,20 +127,25 @@ def shape_waveform(wav: torch.Tensor, max_seconds: float | None, stats: tuple[fl
 
 class UtteranceDataset(Dataset):
     """Item i: (16 kHz mono waveform, *fields(utterance)); optionally cut to its first `max_seconds` and
-    standardised with `stats` = (mean, std)."""
+    standardised with `stats` = (mean, std). A random crop is drawn from (seed, epoch, i), not from a worker's
+    generator: the same crops whatever the number of workers, and after an exact resume."""
 
     def __init__(self, utterances: list[Utterance], fields: Callable[[Utterance], tuple],
                  crop_seconds: float | None = None, max_seconds: float | None = None,
-                 stats: tuple[float, float] | None = None):
+                 stats: tuple[float, float] | None = None, seed: int = 0, epoch: int = 0):
         self.utterances, self.fields, self.crop_seconds = utterances, fields, crop_seconds
-        self.max_seconds, self.stats = max_seconds, stats
+        self.max_seconds, self.stats, self.seed, self.epoch = max_seconds, stats, seed, epoch
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def __getitem__(self, index: int):
         utt = self.utterances[index]
-        wav = shape_waveform(load_mono_16k(utt.path, crop_seconds=self.crop_seconds), self.max_seconds, self.stats)
+        crop = None
+        if self.crop_seconds is not None:
+            crop = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index])
+                                                     .generate_state(1)[0]))
+        wav = shape_waveform(load_mono_16k(utt.path, self.crop_seconds, crop), self.max_seconds, self.stats)
         return (wav.numpy().astype(np.float32), *self.fields(utt))
 
     @staticmethod
@@ -147,9 +153,20 @@ class UtteranceDataset(Dataset):
         return tuple(list(column) for column in zip(*items))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them when it warns about too
+    many workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple], settings: DataSettings,
-                train: bool, epoch: int = 0, name: str = "", stats: tuple[float, float] | None = None) -> DataLoader:
-    """`stats`: the training set's (mean, std), required when `settings.normalise` is train_global."""
+                train: bool, epoch: int = 0, name: str = "", stats: tuple[float, float] | None = None,
+                skip: int = 0, before_first: Callable[[], None] | None = None) -> DataLoader:
+    """`stats`: the training set's (mean, std), required when `settings.normalise` is train_global; `skip` and
+    `before_first`: a resumed epoch's place (`BucketBatchSampler.resume`)."""
     if settings.normalise != "none" and stats is None:
         raise SettingsError(f"downstream_expert.datarc.normalise: {settings.normalise} is not supported by {name}; "
                             "set it to none")
@@ -161,10 +178,15 @@ def make_loader(utterances: list[Utterance], fields: Callable[[Utterance], tuple
         batch_seconds=settings.batch_seconds if train else None, shuffle=train, seed=settings.seed,
         rank=rank, world_size=world, window=settings.bucket_window)
     sampler.set_epoch(epoch)
+    sampler.resume(skip, before_first)
+    workers = min(settings.num_workers, usable_cpus())
     if rank == 0:
+        capped = (f"; datarc.num_workers {settings.num_workers} capped at the {workers} usable CPUs"
+                  if workers < settings.num_workers else "")
+        resumed = f"; resuming after its batch {skip}" if skip else ""
         print(f"[{name}] {len(utterances)} utterances, {len(sampler)} batches, "
-              f"{100 * sampler.padded_fraction():.1f} % padded frames", file=sys.stderr)
+              f"{100 * sampler.padded_fraction():.1f} % padded frames{capped}{resumed}", file=sys.stderr)
     dataset = UtteranceDataset(utterances, fields, settings.crop_seconds if train else None, settings.max_seconds,
-                               stats if settings.normalise != "none" else None)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers,
+                               stats if settings.normalise != "none" else None, settings.seed, epoch)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       collate_fn=UtteranceDataset.collate, persistent_workers=False)

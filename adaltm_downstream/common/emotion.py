@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaltm_core.errors import UserError
 from adaltm_core.settings import SettingsError
 from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import CLASS_NAMES, CLASSES, Utterance
@@ -37,6 +38,9 @@ class EmotionSettings:
     intervals: Literal["utterance", "speaker"] = "utterance"
     # EMO-SUPERB's eval_batch_size: the batches its F1 is averaged over
     emo_superb_eval_batch_size: int = field(default=32, metadata={"min": 1})
+
+
+HEAD_PREFIX = "emotion.head."   # the head's keys in a downstream's state (experts hold the task as `emotion`)
 
 
 def emotion_fields(utt: Utterance) -> tuple:
@@ -96,6 +100,22 @@ class EmotionTask(nn.Module):
                                   [speakers.get(f, "") for f in records["files"]])
         reports.plot_confusion(expdir / f"{split}_confusion.png", metrics["confusion"],
                                f"{split} ({metrics['test_set']}): UAR {metrics['uar']:.3f}")
+
+
+def head_from_states(downstream: dict, source: str, error: type[UserError] = UserError) -> UtteranceClassifier:
+    """The trained emotion head held in a run's `Downstream` state (msp_podcast_cat or _mtl), its sizes read from
+    the tensors; `error` names `source` when there is none."""
+    state = {k[len(HEAD_PREFIX):]: v for k, v in downstream.items() if k.startswith(HEAD_PREFIX)}
+    if "projector.weight" not in state:
+        raise error(f"{source}: the run has no emotion head ({HEAD_PREFIX}* keys); give the dev-best.ckpt "
+                    "of an msp_podcast_cat or msp_podcast_mtl run")
+    linears = sorted(int(k.split(".")[1]) for k in state if k.startswith("classifier.") and k.endswith("weight"))
+    projector_dim, input_dim = state["projector.weight"].shape
+    classes = state[f"classifier.{linears[-1]}.weight"].shape[0]
+    hidden_dim = state[f"classifier.{linears[0]}.weight"].shape[0] if len(linears) > 1 else 0
+    head = UtteranceClassifier(input_dim, classes, projector_dim, hidden_dim)
+    head.load_state_dict(state)
+    return head
 
 
 def describe_probabilities(probabilities: torch.Tensor) -> list[str]:

@@ -19,9 +19,8 @@ from torch import nn
 
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
+from adaltm_downstream.common.emotion import head_from_states
 from adaltm_downstream.common.heads import UtteranceClassifier, pad_features
-
-HEAD_PREFIX = "emotion.head."
 
 
 class FrozenHeadError(UserError):
@@ -79,16 +78,7 @@ def load_frozen_head(path: str | os.PathLike) -> FrozenEmotionHead:
     downstream = states.get("Downstream") if isinstance(states, dict) else None
     if not isinstance(downstream, dict):
         raise FrozenHeadError(f"{path}: not s3prl run states (no `Downstream` entry)")
-    head_state = {k[len(HEAD_PREFIX):]: v for k, v in downstream.items() if k.startswith(HEAD_PREFIX)}
-    if "projector.weight" not in head_state:
-        raise FrozenHeadError(f"{path}: the run has no emotion head ({HEAD_PREFIX}* keys); give the dev-best.ckpt "
-                              "of an msp_podcast_cat or msp_podcast_mtl run")
-    linears = sorted(int(k.split(".")[1]) for k in head_state if k.startswith("classifier.") and k.endswith("weight"))
-    projector_dim, input_dim = head_state["projector.weight"].shape
-    classes = head_state[f"classifier.{linears[-1]}.weight"].shape[0]
-    hidden_dim = head_state[f"classifier.{linears[0]}.weight"].shape[0] if len(linears) > 1 else 0
-    head = UtteranceClassifier(input_dim, classes, projector_dim, hidden_dim)
-    head.load_state_dict(head_state)
+    head = head_from_states(downstream, str(path), FrozenHeadError)
 
     args = states.get("Args")
     layer = getattr(args, "upstream_layer_selection", None)

@@ -21,6 +21,7 @@ from adaltm_downstream.common import reports
 from adaltm_downstream.common.corpus import Utterance
 from adaltm_downstream.common.data import DataSettings, make_loader, shape_waveform, waveform_statistics
 from adaltm_downstream.common.heads import pad_features
+from adaltm_downstream.common.resume import STATE_KEY, TrainingPosition
 from adaltm_downstream.common.selection import BestCheckpoint
 
 
@@ -47,6 +48,8 @@ class CorpusExpert(nn.Module):
         self.utterances = self.datarc.load_splits(self.needs_transcripts)
         self.waveform_stats = (waveform_statistics(self.utterances["train"], self.expdir / "train_waveform_stats.json")
                                if self.datarc.normalise == "train_global" else None)
+        self.position = TrainingPosition()
+        self.register_forward_pre_hook(self._count_training_batch, with_kwargs=True)
         self.build(upstream_dim)
 
     # -- to implement ----------------------------------------------------------------------------------------
@@ -66,14 +69,33 @@ class CorpusExpert(nn.Module):
         """`-m inference`: one line of output per utterance."""
         raise NotImplementedError
 
+    # -- exact resume (`resume.TrainingPosition`): the place in the epoch travels in the downstream's state ------
+    @staticmethod
+    def _count_training_batch(module, args, kwargs) -> None:
+        if (args[0] if args else kwargs.get("split")) == "train":
+            module.position.count()
+
+    def get_extra_state(self) -> dict:
+        return {STATE_KEY: self.position.state()}
+
+    def set_extra_state(self, state) -> None:
+        self.position.load(state.get(STATE_KEY) if isinstance(state, dict) else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the position was saved have no `_extra_state`: their epoch starts over."""
+        if prefix + "_extra_state" not in state_dict:
+            state_dict = {**state_dict, prefix + "_extra_state": None}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- s3prl's downstream interface ------------------------------------------------------------------------
     def get_dataloader(self, split: str, epoch: int = 0):
         utterances = self.utterances.get(split)
         if utterances is None:
             self.datarc.split_set(split)  # raises, naming the configured splits
         train = split == "train"
+        skip, before_first = self.position.start_epoch(epoch) if train else (0, None)
         return make_loader(self.select(utterances, train), self.fields, self.datarc, train, epoch,
-                           f"{self.name} {split}", self.waveform_stats)
+                           f"{self.name} {split}", self.waveform_stats, skip, before_first)
 
     def load_audio(self, path):
         """s3prl's `-m inference` reads the file through this (any rate, any channel count), shaped as in training."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaltm_core.files import atomic_write_text
+from adaltm_core.files import atomic_savefig, atomic_write_text
 from adaltm_downstream.common.corpus import CLASS_NAMES
 
 
@@ -50,8 +50,7 @@ def plot_confusion(path: Path, confusion: list[list[int]], title: str) -> None:
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def log_scalars(logger, prefix: str, metrics: dict, step: int) -> None:

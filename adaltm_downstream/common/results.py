@@ -68,10 +68,30 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None,
     if not metrics_file.is_file():
         raise ResultsError(f"{path}: no {metrics_file.name}; evaluate the run first: python run_downstream.py "
                            f"-m evaluate -e {path / 'dev-best.ckpt'} -t {split}")
-    metrics = json.loads(metrics_file.read_text())
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsError(f"{metrics_file}: not valid JSON ({error}); re-evaluate the run") from None
+    _check_metrics(metrics, metrics_file)
     predictions_file = path / f"{split}_predictions.tsv"
     predictions = read_predictions(predictions_file) if predictions_file.is_file() else None
     return RunResult(path, name or run_name(path, describe), split, metrics, predictions)
+
+
+def _check_metrics(metrics, path: Path) -> None:
+    """What `table_rows` reads: numbers, and for an emotion run a [low, high] interval per shown metric."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    ok = isinstance(metrics, dict) and ("uar" in metrics or "wer" in metrics) and all(
+        number(metrics[k]) or (k == "wer" and metrics[k] is None) for k in (*SHOWN, "wer") if k in metrics)
+    if ok and "uar" in metrics:
+        ci95 = metrics.get("ci95")
+        ok = isinstance(ci95, dict) and all(
+            isinstance(ci95.get(m), list) and len(ci95[m]) == 2 and all(map(number, ci95[m])) for m in SHOWN)
+    if not ok:
+        raise ResultsError(f"{path}: not the metrics of an evaluation (an object with uar, precision, macro_f1 and "
+                           "their ci95, or wer, as numbers); re-evaluate the run")
 
 
 def read_predictions(path: Path) -> Predictions:
@@ -79,8 +99,14 @@ def read_predictions(path: Path) -> Predictions:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows or not {"file", "label", "pred"} <= set(rows[0]):
         raise ResultsError(f"{path}: not a predictions file (needs the columns file, label, pred)")
-    return Predictions([r["file"] for r in rows], np.array([int(r["label"]) for r in rows]),
-                       np.array([int(r["pred"]) for r in rows]), [r.get("speaker") or "" for r in rows])
+    try:
+        labels, predicted = (np.array([int(r[column]) for r in rows]) for column in ("label", "pred"))
+    except (TypeError, ValueError):
+        line, row = next((i, r) for i, r in enumerate(rows, 2) if not all(
+            str(r[c]).strip().lstrip("-").isdigit() for c in ("label", "pred")))
+        raise ResultsError(f"{path}: line {line}: label and pred must be class indices, got {row['label']!r} and "
+                           f"{row['pred']!r}") from None
+    return Predictions([r["file"] for r in rows], labels, predicted, [r.get("speaker") or "" for r in rows])
 
 
 def run_name(path: Path, describe: Describe | None = None) -> str:
@@ -99,6 +125,52 @@ def run_name(path: Path, describe: Describe | None = None) -> str:
         trained = "fine-tuned" if args.get("upstream_trainable") else "frozen"
         return f"{upstream} {trained}{task}"
     return f"{described}{task}"
+
+
+# Launch arguments that change what a run learns (the others name paths the run was started with or wrote to).
+SETTING_ARGS = ("upstream_ckpt", "upstream_trainable", "upstream_feature_selection", "upstream_layer_selection",
+                "init_ckpt", "seed")
+
+
+def saved_settings(path: Path) -> dict[str, object]:
+    """What the run was launched with, as `section.key` -> value: s3prl's saved `config_*.yaml` (after `-c` and
+    `-o`) and the launch arguments in `SETTING_ARGS`."""
+    found: dict[str, object] = {}
+    for pattern, keep in (("config_*.yaml", None), ("args_*.yaml", SETTING_ARGS)):
+        saved = sorted(path.glob(pattern))
+        try:
+            data = yaml.safe_load(saved[0].read_text()) if saved else None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            data = None
+        stack = [("", data)] if isinstance(data, dict) else []
+        while stack:
+            prefix, section = stack.pop()
+            for name, value in section.items():
+                if isinstance(value, dict):
+                    stack.append((f"{prefix}{name}.", value))
+                elif keep is None or name in keep:
+                    found[f"{prefix}{name}"] = value
+    return found
+
+
+def distinct_names(runs: list[RunResult]) -> list[str]:
+    """Row names for `runs`, where runs that share a name (one `-g` config, other `-o` values) get what differs
+    between them appended — up to three settings — or, where their settings do not tell them apart, their
+    directory."""
+    names = [run.name for run in runs]
+    for name in set(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        if len(same) < 2:
+            continue
+        settings = [saved_settings(runs[i].path) for i in same]
+        keys = sorted(k for k in set().union(*settings) if len({repr(s.get(k)) for s in settings}) > 1)
+        for i, saved in zip(same, settings):
+            shown = ", ".join(f"{k}={saved.get(k)}" for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+            names[i] = f"{name} [{shown or runs[i].path.name}]"
+        if len({names[i] for i in same}) < len(same):
+            for i in same:
+                names[i] = f"{name} [{runs[i].path}]"
+    return names
 
 
 def _aligned(a: RunResult, b: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -152,12 +224,12 @@ def describe_comparison(a: RunResult, b: RunResult, differences: dict[str, Diffe
 
 def table_rows(runs: list[RunResult], reference: RunResult | None = None, resamples: int = 1000,
                unit: str = "utterance") -> list[TableRow]:
-    """One row per run; with a reference, each metric cell is marked where the paired bootstrap difference to the
-    reference row excludes zero."""
+    """One row per run (named by `distinct_names`); with a reference, each metric cell is marked where the paired
+    bootstrap difference to the reference row excludes zero."""
     rows = []
-    for run in runs:
+    for run, name in zip(runs, distinct_names(runs)):
         emotion = "uar" in run.metrics
-        row = TableRow(run.name, {m: run.metrics.get(m) for m in SHOWN} | {"wer": run.metrics.get("wer")},
+        row = TableRow(name, {m: run.metrics.get(m) for m in SHOWN} | {"wer": run.metrics.get("wer")},
                        {m: run.metrics["ci95"][m] for m in SHOWN} if emotion else {},
                        reference=reference is not None and run.path.resolve() == reference.path.resolve())
         if reference is not None and emotion and not row.reference and run.predictions is not None:
@@ -223,6 +295,16 @@ def legend(reference: RunResult | None, resamples: int, unit: str) -> str:
         text += (f" † = differs significantly from the reference row ({reference.name}): the 95 % interval of the "
                  f"paired bootstrap difference ({resamples} resamples of {unit}s) excludes 0.")
     return text
+
+
+def is_table(path: Path) -> bool:
+    """Whether `path` is a table `adaltm table` wrote (Markdown, CSV or LaTeX), judged by its first line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith(("| Method / setup |", "name,uar,", r"\begin{tabular}"))
 
 
 def format_of(output: str | Path, explicit: str | None = None) -> str:

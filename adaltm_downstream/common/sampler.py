@@ -10,6 +10,7 @@ ranks agree.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from torch.utils.data import Sampler
 
@@ -24,9 +25,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seconds, self.batch_size, self.batch_seconds = list(seconds), batch_size, batch_seconds
         self.shuffle, self.seed, self.rank, self.world_size, self.window = shuffle, seed, rank, world_size, window
         self.epoch = 0
+        self._skip, self._before_first = 0, None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, skip: int, before_first: Callable[[], None] | None = None) -> None:
+        """The next iteration leaves out its first `skip` batches (those a resumed training already consumed) and
+        runs `before_first` when the first batch is asked for (even when none is left)."""
+        self._skip, self._before_first = skip, before_first
 
     def _cut(self, order: list[int]) -> list[list[int]]:
         batches, current, longest = [], [], 0.0
@@ -69,7 +76,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         return sum(self.seconds) / max(1, len(self.seconds))
 
     def __iter__(self):
-        yield from self.batches()[self.rank::self.world_size]
+        batches = self.batches()[self.rank::self.world_size]
+        skip, before_first, self._skip, self._before_first = self._skip, self._before_first, 0, None
+        if before_first is not None:
+            before_first()
+        yield from batches[skip:]
 
     def __len__(self) -> int:
         return len(self.batches()[self.rank::self.world_size])
