@@ -127,7 +127,7 @@ def _make_demo_corpus(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from adaltm_recipes.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
+    run_demo(args.out, quick=args.quick, seed=args.seed, jobs=args.jobs, corpus=args.corpus)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--jobs", type=positive_int, default=None,
                       help="one-thread worker processes for the fine-tunings and rows (default: the CPUs, at most 4)")
+    demo.add_argument("--corpus", choices=["prosody", "lexical"], default="prosody",
+                      help="lexical: words carry part of the emotion (Table 1 only; see the README)")
     demo.set_defaults(run=_demo, resumable=True)
 
     grid = commands.add_parser("grid-search", help="task arithmetic: one global λ chosen on the dev set")

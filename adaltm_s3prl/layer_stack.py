@@ -2,13 +2,16 @@
 
 s3prl's `Featurizer` collapses all hidden states into one weighted sum before the downstream sees them. A
 downstream class that sets `fuses_layers_itself = True` gets this instead (the launcher's runner hook swaps
-it in): every utterance arrives as a (frames, layers, dim) tensor, trimmed like s3prl trims features.
+it in): every utterance arrives as a (frames, layers, dim) tensor with the frames the upstream's CNN made for it
+(`frames`; s3prl's rounding where the upstream has no waveform CNN).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from adaltm_s3prl.frames import conv_stack, frame_counts
 
 SAMPLE_RATE = 16000
 
@@ -27,8 +30,10 @@ class LayerStack(nn.Module):
         self.layer_num = len(layers)
         self.output_dim = layers[0].shape[-1]
         self.downsample_rate = upstream.get_downsample_rates(feature_selection)
+        self.cnn = conv_stack(getattr(upstream, "module", upstream))
 
     def forward(self, wavs: list[torch.Tensor], features: dict) -> list[torch.Tensor]:
         stacked = torch.stack(list(features[self.feature_selection]), dim=2)   # (B, T, L, D)
-        lengths = [round(len(w) / self.downsample_rate) for w in wavs]
+        lengths = (frame_counts(self.cnn, [len(w) for w in wavs]) if self.cnn
+                   else [round(len(w) / self.downsample_rate) for w in wavs])
         return [s[:n] for s, n in zip(stacked, lengths)]

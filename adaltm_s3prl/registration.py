@@ -71,16 +71,23 @@ def _attach_experiment(get_upstream):
 
 def _layer_stack_when_asked(get_featurizer):
     """Downstreams that fuse layers themselves (`fuses_layers_itself = True`) get every hidden state instead of
-    s3prl's weighted sum."""
+    s3prl's weighted sum; the plugin's downstreams (`counts_cnn_frames = True`) get each utterance's own frames
+    (`frames`)."""
 
     def wrapped(runner):
         import importlib
 
+        from adaltm_s3prl import frames
         from adaltm_s3prl.layer_stack import LayerStack
 
         expert = importlib.import_module(f"s3prl.downstream.{runner.args.downstream}.expert")
         if not getattr(expert.DownstreamExpert, "fuses_layers_itself", False):
-            return get_featurizer(runner)
+            entry = get_featurizer(runner)
+            upstream = getattr(runner.upstream.model, "module", runner.upstream.model)
+            layers = frames.conv_stack(upstream)
+            if layers and getattr(expert.DownstreamExpert, "counts_cnn_frames", False):
+                getattr(entry.model, "module", entry.model).tolist = frames.trimmer(layers)
+            return entry
         model = LayerStack(runner.upstream.model, runner.args.upstream_feature_selection, runner.args.device)
         return runner._init_model(model=model.to(runner.args.device), name="Featurizer", trainable=True,
                                   interfaces=["output_dim", "downsample_rate"])

@@ -153,10 +153,17 @@ def test_quick_demo_end_to_end(tmp_path):
     assert emr_states["_extra_state"]["vector_ops"] == [{"name": "emr", "target": "ser"}]
     assert read_lambdas(emr_states)[1].shape == lambdas.shape             # the preset's method, λ per layer
     assert "rows in" in done.stdout
+    score = json.loads((out / "classifier" / "test_score.json").read_text())     # issue 28: the exported model
+    assert score["pipeline_accuracy"] == score["launcher_accuracy"] and score["n"] == len(
+        (out / "runs" / "dual_layerwise" / "test_predictions.tsv").read_text().splitlines()) - 1
+    assert "scored by `pipeline(\"audio-classification\")`" in table
 
     again = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--out", str(out)], 300,
                         cwd=ROOT, env=launcher_env())
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == rows  # resumed, not redone
+    other = run_bounded([sys.executable, "-m", "adaltm_cli.main", "demo", "--quick", "--corpus", "lexical", "--out",
+                         str(out)], 120, cwd=ROOT, env=launcher_env())
+    assert other.returncode == 2 and "holds a demo made with" in other.stderr and "choose another --out" in other.stderr
 
 
 # Jobs for the pool (module functions: a spawned worker imports them by name).

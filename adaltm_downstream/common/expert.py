@@ -31,6 +31,7 @@ class CorpusExpert(nn.Module):
     default_selection = "loss"
     selectable: tuple[str, ...] = ("loss",)   # the metrics its evaluation writes that `selection` may name
     needs_transcripts = False
+    counts_cnn_frames = True   # the launcher's featurizer keeps each utterance's own CNN frames (adaltm_s3prl.frames)
 
     def __init__(self, upstream_dim: int, upstream_rate: int, downstream_expert: dict, expdir: str, **kwargs):
         super().__init__()

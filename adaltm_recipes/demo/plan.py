@@ -101,6 +101,8 @@ MODEL_ROWS = (("ASR model, in-domain (fine-tuned on the corpus)", "finetune_asr_
               ("ASR model, out-of-domain (LibriSpeech role)", "finetune_asr_out_of_domain"),
               ("SER model (fine-tuned)", "finetune_ser"))
 REFERENCE_RUN = "dual_layerwise"
+# The proposed row exported as a transformers classifier (issue 28), scored on Test1 by `pipeline(...)`.
+CLASSIFIER = "classifier"
 # The λ figure: one line per task of each of these runs.
 LAMBDA_RUNS = {"dual (in-domain)": "dual_layerwise", "ASR-only": "setup2_asr_only", "SER-only": "setup3_ser_only",
                "dual (out-of-domain ASR)": "dual_out_of_domain"}

@@ -13,22 +13,26 @@ from pathlib import Path
 from tqdm import tqdm
 
 from adaltm_recipes.demo.jobs import JobPool, usable_cpus
-from adaltm_recipes.demo.plan import EXTRA_ROWS, ROWS, SOURCES, TASK_ARITHMETIC_RUN
+from adaltm_recipes.demo.plan import CLASSIFIER, EXTRA_ROWS, REFERENCE_RUN, ROWS, SOURCES, TASK_ARITHMETIC_RUN
 from adaltm_recipes.demo.report import write_report
 from adaltm_recipes.demo.stages import Demo
 
 
 def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 0,
-             jobs: int | None = None) -> list[dict]:
+             jobs: int | None = None, corpus: str = "prosody") -> list[dict]:
     """Everything; returns the results rows (Table 1, then the other methods). Resumable: finished stages are
-    skipped. `jobs`: worker processes after pretraining (default: the usable CPUs, at most 4)."""
+    skipped. `jobs`: worker processes after pretraining (default: the usable CPUs, at most 4). `corpus`: the
+    corpus condition (`demo_corpus.CONDITIONS`); with `lexical`, Table 1 only."""
     started = time.time()
     jobs = jobs or min(4, usable_cpus())
     logging.getLogger().addHandler(logging.NullHandler())  # keep s3prl's basicConfig off our terminal
-    demo = Demo(Path(out).resolve(), quick, seed)  # the configs it writes hold paths; a relative one would break
-    runs = {row.run: row for row in ROWS + EXTRA_ROWS}
-    bar = tqdm(total=len(SOURCES) + len(runs) + 5, desc="adaltm demo", unit="stage", file=sys.stderr,
-               dynamic_ncols=True)
+    # the configs it writes hold paths; a relative one would break
+    demo = Demo(Path(out).resolve(), quick, seed, corpus)
+    table1_only = corpus != "prosody"
+    runs = {row.run: row for row in ROWS + (() if table1_only else EXTRA_ROWS)}
+    extra_jobs = 1 if table1_only else 2        # the classifier, and task arithmetic
+    bar = tqdm(total=len(SOURCES) + len(runs) + extra_jobs + 4, desc="adaltm demo", unit="stage",
+               file=sys.stderr, dynamic_ncols=True)
 
     def step(label: str, function: Callable, *args) -> object:
         bar.set_postfix_str(label)
@@ -57,14 +61,18 @@ def run_demo(out: str | Path = "results/demo", quick: bool = False, seed: int = 
             step("extract", demo.extract)
             for row in sorted(with_vectors, key=lambda row: -demo.row_steps(row)):
                 submit(row.run, demo.run_row, row)
-            submit(TASK_ARITHMETIC_RUN, demo.task_arithmetic)
+            if not table1_only:
+                submit(TASK_ARITHMETIC_RUN, demo.task_arithmetic)
+            grid = classifier = None
             while pool.pending:
                 label, value = pool.finished()
-                if label == TASK_ARITHMETIC_RUN:
-                    grid = value
+                if label == REFERENCE_RUN:          # the proposed row is trained: export it and score it
+                    submit(CLASSIFIER, demo.classifier)
+                grid = value if label == TASK_ARITHMETIC_RUN else grid
+                classifier = value if label == CLASSIFIER else classifier
         step("lambdas", demo.lambdas_figure)
 
-    rows, minutes = write_report(demo.out, grid, quick, jobs, started)
+    rows, minutes = write_report(demo.out, grid, classifier, quick, jobs, started, corpus)
     print(f"adaltm demo: {len(rows)} rows in {minutes:.1f} min -> {demo.out / 'results.md'}, "
           f"{demo.out / 'results.json'}, {demo.out / 'lambdas.png'}")
     return rows

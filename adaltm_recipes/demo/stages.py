@@ -18,10 +18,12 @@ from adaltm_core.errors import UserError
 from adaltm_core.files import atomic_write_text
 from adaltm_recipes.demo.plan import (
     ASR_HEAD,
+    CLASSIFIER,
     EMOTION_HEAD,
     FULL,
     LAMBDA_RUNS,
     QUICK,
+    REFERENCE_RUN,
     SOURCES,
     TASK_ARITHMETIC_RUN,
     UPSTREAM_CONFIGS,
@@ -32,10 +34,17 @@ from adaltm_s3prl.registration import packaged_config
 
 
 class Demo:
-    def __init__(self, out: Path, quick: bool, seed: int = 0):
+    def __init__(self, out: Path, quick: bool, seed: int = 0, corpus: str = "prosody"):
         self.out, self.size, self.seed, self.quick = out, QUICK if quick else FULL, seed, quick
+        self.condition = corpus   # `demo_corpus.CONDITIONS`: where the emotion is audible (the ASR corpus: neutral)
+        settings, record = {"quick": quick, "seed": seed, "corpus": corpus}, out / "demo.json"
+        if record.exists() and record.read_text().strip() != json.dumps(settings):
+            raise UserError(f"{out}: holds a demo made with {record.read_text().strip()}; resuming it with "
+                            f"{json.dumps(settings)} would mix the two: choose another --out")
         for sub in ("configs", "runs", "vectors", "logs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
+        if not record.exists():
+            atomic_write_text(record, json.dumps(settings) + "\n")
         self.corpus, self.ood = out / "corpus" / "MSP-Podcast", out / "corpus" / "ood-asr"
         self.base = out / "base_wavlm_tiny.pt"
         self.vectors = {name: out / "vectors" / f"{name}.safetensors" for name in SOURCES}
@@ -111,7 +120,8 @@ class Demo:
 
         for root, sizes, ood in ((self.corpus, self.size.corpus, False), (self.ood, self.size.ood_corpus, True)):
             if not (root / "Labels" / "labels_consensus.csv").exists():
-                make_corpus(root, sizes, seed=self.seed + ood, out_of_domain=ood)
+                make_corpus(root, sizes, seed=self.seed + ood, out_of_domain=ood,
+                            condition="prosody" if ood else self.condition)
 
     def pretrain(self) -> None:
         """The base: masked prediction of k-means units on the audio of the corpus's training split (labels and
@@ -184,6 +194,28 @@ class Demo:
             grid_search(self._upstream("dual_static"), self.head, parse_values(self.size.grid), out, split="dev",
                         select="loss", test_split="test", device="cpu")
         return json.loads((out / "grid.json").read_text())
+
+    def classifier(self) -> dict:
+        """The proposed row as a stock transformers classifier (`adaltm export --format hf-classifier`), scored on
+        Test1 by `pipeline("audio-classification")`: its accuracy must be the launcher's. Skipped when its
+        score exists."""
+        import csv
+
+        from adaltm_recipes.predict import export_and_score
+
+        score_file = self.out / CLASSIFIER / "test_score.json"
+        if not score_file.exists():
+            expdir = self.out / "runs" / REFERENCE_RUN
+            with open(expdir / "test_predictions.tsv", newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t"))
+            files, labels = [self.corpus / "Audios" / r["file"] for r in rows], [int(r["label"]) for r in rows]
+            score = export_and_score(expdir, self.out / CLASSIFIER / "model", files, labels)
+            launcher = json.loads((expdir / "test_metrics.json").read_text())
+            atomic_write_text(score_file, json.dumps({
+                "model": score["classifier"], "n": score["n"], "pipeline_accuracy": score["accuracy"],
+                "pipeline_uar": score["uar"], "launcher_accuracy": launcher["accuracy"],
+                "launcher_uar": launcher["uar"]}, indent=1) + "\n")
+        return json.loads(score_file.read_text())
 
     def lambdas_figure(self) -> Path:
         from adaltm_upstream.plotting import plot_lambdas
