@@ -63,7 +63,9 @@ def test_lambdas_move_and_the_head_stays_frozen(adapted):
     assert float(lambdas.min()) >= 0 and float(lambdas.max()) <= 1  # as merged: clamped
     for key, value in head_state.items():
         assert torch.equal(states["Downstream"][f"head.head.{key[len('emotion.head.'):]}"], value), key
-    assert states["Upstream"]["_extra_state"]["vector_ops"] == [{"name": "ties", "top_k": 0.5, "aggregate": "mean"}]
+    assert states["Upstream"]["_extra_state"]["vector_ops"] == [
+        {"name": "ties", "top_k": 0.5, "aggregate": "mean", "scope": "tensor"}
+    ]
     assert run_name(expdir, describe) == "asr+ser vectors (TIES top 0.5), tensorwise λ (msp_podcast_adamerging)"
 
 
