@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import adaltm_downstream
+from adaltm_s3prl import precision
 from adaltm_s3prl.arguments import check_config
 
 DOWNSTREAM_DIR = Path(adaltm_downstream.__file__).resolve().parent
@@ -32,6 +33,7 @@ def register() -> None:
     if str(DOWNSTREAM_DIR) not in s3prl.downstream.__path__:
         s3prl.downstream.__path__.append(str(DOWNSTREAM_DIR))
     if not getattr(Runner._get_upstream, "_adaltm_hook", False):
+        Runner.__init__ = _with_precision(Runner.__init__)
         Runner._get_upstream = _attach_experiment(Runner._get_upstream)
         Runner._get_featurizer = _layer_stack_when_asked(Runner._get_featurizer)
         run_downstream.get_downstream_args = _checked_config(run_downstream.get_downstream_args)
@@ -42,8 +44,18 @@ def _checked_config(get_downstream_args):
 
     def wrapped():
         args, config, backup_files = get_downstream_args()
-        check_config(config, args.past_exp or args.config or "config")
+        check_config(config, args.past_exp or args.config or "config", args.device)
         return args, config, backup_files
+
+    return wrapped
+
+
+def _with_precision(init):
+    """Once s3prl's Runner built upstream, featurizer and downstream: run them in `runner.precision`."""
+
+    def wrapped(runner, args, config):
+        init(runner, args, config)
+        precision.apply(runner)
 
     return wrapped
 

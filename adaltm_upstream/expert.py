@@ -72,7 +72,7 @@ class AdaLTMUpstream(nn.Module):
         self.fingerprint = upstream_fingerprint(base_fingerprint, [task_vectors.fingerprint(v.tensors)
                                                                    for v in vectors], config)
         self.backbone = WavLMBackbone(base.config, base.normalize, config.hidden_states,
-                                      sdpa=config.speed.sdpa_attention, weights=self.merge.base_views())
+                                      attention=config.speed.attention, weights=self.merge.base_views())
         self.backbone.requires_grad_(False)
         # children in the order they had before the merge was built first: optimizer states of resumed runs
         # address parameters by position
@@ -86,9 +86,8 @@ class AdaLTMUpstream(nn.Module):
             frozen = [n for n, _ in self.named_parameters() if n != "merge.coefficients"]
             frozen += [n for n, _ in self.named_buffers()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
-        # speed.compile: the backbone through torch.compile (dynamic shapes: utterance lengths vary)
-        self._run_backbone = (torch.compile(self.backbone.forward, dynamic=True) if config.speed.compile
-                              else self.backbone.forward)
+        if config.speed.compile:
+            self.backbone.compile_encoder()
         self.log_step = 0
         self._writer = None
         self._expdir: str | None = None
@@ -98,8 +97,12 @@ class AdaLTMUpstream(nn.Module):
         return math.prod(self.backbone.config.conv_stride)
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
-        params = self.merge() if self.merge.num_tasks and not self.trains_weights else None
-        states = self._run_backbone(wavs, params=params).hidden_states
+        params = None
+        if self.merge.num_tasks and not self.trains_weights:
+            # λ and the merge's accumulation stay fp32 under any autocast (addmv would otherwise run in bf16/fp16)
+            with torch.autocast(self.merge.fixed.device.type, enabled=False):
+                params = self.merge()
+        states = self.backbone(wavs, params=params).hidden_states
         if self.training and torch.is_grad_enabled():
             self.log_step += 1
             if self.log_step == 1 or self.log_step % LOG_EVERY == 0:

@@ -221,7 +221,7 @@ def main() -> None:
         return optimised(module, module.merge.coefficients, lambda mod: mod(wavs)["hidden_states"])
 
     measure("naive", naive_training)
-    ablations = {"adaltm": {}, "adaltm_eager": {"sdpa_attention": False}, "adaltm_bf16": {"vector_dtype": "bfloat16"},
+    ablations = {"adaltm": {}, "adaltm_eager": {"attention": "eager"}, "adaltm_bf16": {"vector_dtype": "bfloat16"},
                  "adaltm_freeze0": {"freeze_group0": True}}
     for name, speed in ablations.items():
         measure(name, lambda speed=speed, name=name: lambda_training(speed, name=name))

@@ -74,7 +74,7 @@ def test_runner_and_optimizer_sections():
 
     registration.register()  # DifferentialAdamW in s3prl's lookup
     good = example_config()
-    arguments.check_config(good, "cfg.yaml")
+    arguments.check_config(good, "cfg.yaml", "cpu")
     cases = [
         ({"runner": {**good["runner"], "total_steps": 0}}, "cfg.yaml: runner.total_steps: must be at least 1"),
         ({"runner": {k: v for k, v in good["runner"].items() if k != "eval_step"}}, "runner.eval_step: missing"),
@@ -84,9 +84,15 @@ def test_runner_and_optimizer_sections():
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adamm"}}, "torch_optim_name: not a torch.optim"),
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lrr": 1}}, "unexpected keyword"),
         ({"downstream_expert": None}, "downstream_expert: missing"),
+        ({"runner": {**good["runner"], "precision": "bf32"}}, "runner.precision: must be one of auto, bf16"),
+        ({"runner": {**good["runner"], "precision": "bf16", "fp16": True}}, "bf16 contradicts runner.fp16: true"),
+        ({"runner": {**good["runner"], "precision": "fp16"}}, "fp16 (or runner.fp16) needs a CUDA device"),
+        ({"runner": {**good["runner"], "fp16": True}}, "fp16 (or runner.fp16) needs a CUDA device"),
     ]
     for change, expected in cases:
-        assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml"), expected
+        assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml", "cpu"), expected
+    for allowed in ("auto", "bf16", "fp32"):  # bf16 autocast runs on the CPU too
+        arguments.check_config({**good, "runner": {**good["runner"], "precision": allowed}}, "cfg.yaml", "cpu")
 
 
 def test_worker_and_machine_errors_become_one_line():

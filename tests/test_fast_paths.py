@@ -31,11 +31,11 @@ def states_and_grad(upstream):
 
 @pytest.fixture(scope="module")
 def reference(merge_setup):
-    return states_and_grad(build(merge_setup, sdpa_attention=False))
+    return states_and_grad(build(merge_setup, attention="eager"))
 
 
 def test_sdpa_attention_matches_eager(merge_setup, reference):
-    states, grad = states_and_grad(build(merge_setup, sdpa_attention=True))
+    states, grad = states_and_grad(build(merge_setup, attention="sdpa"))
     for a, b in zip(states, reference[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, reference[1], rtol=1e-4, atol=1e-7)
