@@ -1,5 +1,5 @@
-"""Every fast path agrees with the reference path: SDPA vs eager attention, bf16 task vectors, a frozen group 0,
-torch.compile; and the benchmark runs on the CPU."""
+"""Every fast path agrees with the reference path: SDPA and FlexAttention vs eager attention, bf16 task vectors, a
+frozen group 0, torch.compile; and the benchmark runs on the CPU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
+from torch.nn.attention.flex_attention import create_block_mask
 
-from adaltm_upstream import adaltm_wavlm
+from adaltm_core.errors import UserError
+from adaltm_upstream import adaltm_wavlm, backbone
+from adaltm_upstream.checkpoints import load_checkpoint
 from tests.conftest import ROOT, launcher_env
 
 WAVS = [torch.randn(9000, generator=torch.Generator().manual_seed(1)) * 0.3,
@@ -76,3 +80,77 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
     assert report["numerics"]["hidden_states_max_abs_diff"] < 1e-4
     assert report["numerics"]["dlambda_max_rel_diff"] < 1e-3
     assert report["bucketing_padded_fraction_msp_like"] <= 0.05
+
+
+def test_flex_attention_matches_sdpa_without_autograd(merge_setup, reference):
+    """torch 2.11 runs FlexAttention on the CPU only without autograd (unfused); training through it is CUDA's
+    (checked by benchmarks/gpu_check.sh)."""
+    upstream = build(merge_setup, attention="flex").eval()
+    with torch.no_grad():
+        states = upstream(WAVS)["hidden_states"]
+    for a, b in zip(states, reference[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    upstream.train()
+    with pytest.raises(UserError, match="flex cannot train on the CPU"):
+        upstream(WAVS)
+
+
+def test_flex_score_mod_gives_sdpas_bias_and_its_gradient(tiny_unilm):
+    """The in-kernel bias, gate(b, h, q) · table(h, k − q), evaluated on the whole grid, is the (B, H, T, T) bias
+    the SDPA path materialises: values, and gradients to the weights it comes from (what dλ is made of)."""
+    attention = backbone.WavLMBackbone.from_checkpoint(load_checkpoint(tiny_unilm)).model.encoder.layers[0].attention
+    x = torch.randn(2, 4, 30, 16, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for flex in (True, False):
+        gates = backbone.gate(attention, x)
+        if flex:
+            table = backbone.relative_table(attention, 30)
+            b, h, q, k = (torch.arange(n).view([-1 if i == d else 1 for i in range(4)])
+                          for d, n in enumerate((2, 4, 30, 30)))
+            bias = gates[b, h, q] * table[h, k - q + 29]
+        else:
+            bias = gates[..., None] * attention.compute_bias(30, 30)[None]
+        grads.append((bias.detach(), *torch.autograd.grad(bias.pow(2).sum(), list(attention.parameters()),
+                                                          allow_unused=True)))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert grads[0][-1].abs().sum() > 0  # the bucket embedding, reached through the table
+
+
+def test_padding_block_mask_is_the_key_padding_mask():
+    """Built from the lengths, the block mask visits the key blocks torch's `create_block_mask` finds by evaluating
+    the mask on every (query, key) pair, and a block it calls full has only valid keys (no mask evaluated)."""
+    lengths, frames, size = torch.tensor([300, 128, 1, 257]), 300, 128
+    ours = backbone.padding_block_mask(lengths, frames)
+    expected = create_block_mask(lambda b, h, q, k: k < lengths[b], 4, None, frames, frames, device="cpu")
+    assert torch.equal(ours.to_dense(), expected.to_dense())
+    keys_valid = torch.arange(frames)[None, :] < lengths[:, None]
+    for b in range(4):
+        for q in range(3):
+            full = ours.full_kv_indices[b, 0, q, :ours.full_kv_num_blocks[b, 0, q]].tolist()
+            partial = ours.kv_indices[b, 0, q, :ours.kv_num_blocks[b, 0, q]].tolist()
+            for block in range(3):
+                keys = keys_valid[b, block * size:(block + 1) * size]
+                assert keys.all() if block in full else (keys.any() if block in partial else not keys.any())
+
+
+def test_compiled_encoder_compiles_once_for_every_batch_length_and_size(merge_setup):
+    """speed.compile over batches as a run makes them (bucketed lengths, a short last batch, then evaluation
+    without autograd): one graph for training and one for evaluation, however many lengths. Counted at dynamo's
+    level with a counting backend (inductor's own compile takes minutes on 2 cores; the launcher benchmark
+    counts its graphs in a real run)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    upstream = build(merge_setup)
+    upstream.backbone.compile_encoder(backend=counter)
+    generator = torch.Generator().manual_seed(0)
+    lengths = set()
+    for size, grad in ((4, True), (4, True), (4, True), (3, True), (4, False), (2, False)):
+        wavs = [torch.randn(int(torch.randint(6000, 20000, (1,), generator=generator)), generator=generator)
+                for _ in range(size)]
+        lengths.add(max(len(w) for w in wavs))
+        with torch.set_grad_enabled(grad):
+            states = upstream(wavs)["hidden_states"]
+        if grad:
+            sum(h.pow(2).mean() for h in states).backward()
+    assert len(lengths) == 6 and counter.frame_count == 2
