@@ -1,4 +1,6 @@
-"""`runner.precision`: which precision a run gets, a bf16 step close to the fp32 one, λ and checkpoints in fp32."""
+"""`runner.precision`: which precision a run gets, a bf16 step close to the fp32 one, λ and checkpoints in fp32.
+Through the launcher: bf16 under two-process DDP (tests/test_launcher.py) and AdaLTM's bf16 run of the launcher
+benchmark (tests/test_fast_paths.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ import torch
 from adaltm_core.errors import UserError
 from adaltm_s3prl import precision
 from adaltm_upstream import adaltm_wavlm
-from adaltm_upstream.checkpoints import torch_load
-from tests.conftest import example_config, run_launcher, write_yaml
 
 WAVS = [torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.3 for n in (9000, 12000, 7000)]
 LABELS = torch.tensor([0, 2, 1])
@@ -70,21 +70,3 @@ def test_bf16_step_is_close_to_fp32_and_keeps_lambda_and_merge_in_fp32(merge_set
     assert loss16 == pytest.approx(loss32, rel=5e-3)
     assert float((grad16 - grad32).norm() / grad32.norm()) < 0.05
     assert (moved16 != 0).all() and torch.equal(moved16.sign(), moved32.sign())  # λ trains, the same way
-
-
-def test_bf16_through_the_launcher_trains_lambda_and_saves_fp32(tmp_path, merge_setup):
-    upstream_cfg = write_yaml(tmp_path / "dual.yaml", {
-        "base": str(merge_setup["base"]),
-        "task_vectors": {"asr": str(merge_setup["asr"]), "ser": str(merge_setup["ser"])}})
-    config = example_config(total_steps=2)
-    config["optimizer"]["lr"] = 0.05
-    config["runner"]["precision"] = "bf16"
-    result = run_launcher(["-m", "train", "-u", "adaltm_wavlm", "-g", str(upstream_cfg), "-d", "example",
-                           "-c", str(write_yaml(tmp_path / "example.yaml", config)), "-p", str(tmp_path / "exp")],
-                          cwd=tmp_path)
-    assert "[adaltm] precision: bf16 (runner.precision: bf16, device cpu)" in result.stderr
-    states = torch_load(tmp_path / "exp" / "states-2.ckpt")
-    lambdas = states["Upstream"]["merge.coefficients"]
-    assert lambdas.dtype == torch.float32 and not torch.allclose(lambdas, torch.full_like(lambdas, 0.5))
-    assert all(t.dtype == torch.float32 for t in states["Featurizer"].values())
-    assert states["Config"]["runner"]["precision"] == "bf16"  # what `-e` resumes with
