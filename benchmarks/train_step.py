@@ -10,13 +10,16 @@ All figures of one run come from the same process, device and inputs (random Wav
   finetune  forward + backward + fused AdamW over all weights of transformers' `WavLMModel` (stock full fine-tune)
   frozen    no-grad forward of an exported merged model in our backbone (what inference costs)
   ablations adaltm_eager (no SDPA), adaltm_bf16 (bf16 task vectors), adaltm_freeze0 (λ of group 0 frozen: no CNN
-            backward), adaltm_compile (torch.compile of the backbone forward; GPU only unless --compile-on-cpu)
+            backward), adaltm_compile (speed.compile; GPU only unless --compile-on-cpu), adaltm_flex (speed.attention:
+            flex, the position bias inside FlexAttention's kernel; GPU only: torch has no FlexAttention backward on
+            the CPU), adaltm_flex_compile (both)
   methods   what a merging method adds to a step: adaltm_tensorwise (one λ per tensor, AdaMerging's granularity),
             adaltm_tensorwise_softmax (+ clamp [0, 1] and softmax across tasks), adaltm_ties (TIES task vectors:
             same step, the one-off construction cost is reported as `construction_s`)
 
-Also reported: the fast path's hidden states and dλ against the naive path (same weights, same λ), and the padded
-fraction of length-bucketed batches on an MSP-Podcast-like length distribution.
+Also reported: the fast path's hidden states and dλ against the naive path (same weights, same λ; on a GPU also the
+FlexAttention path's), and the padded fraction of length-bucketed batches on an MSP-Podcast-like length
+distribution.
 
     python benchmarks/train_step.py            # GPU, bf16, batch 32 x 6 s
     python benchmarks/train_step.py --tiny     # CPU, fp32, seconds
@@ -139,7 +142,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default="naive,adaltm,finetune,frozen,adaltm_eager,adaltm_bf16,adaltm_freeze0,"
-                                              "adaltm_compile,adaltm_tensorwise,adaltm_tensorwise_softmax,adaltm_ties")
+                                              "adaltm_compile,adaltm_flex,adaltm_flex_compile,adaltm_tensorwise,"
+                                              "adaltm_tensorwise_softmax,adaltm_ties")
     parser.add_argument("--compile-on-cpu", action="store_true")
     parser.add_argument("--out", help="result file (default benchmarks/results/<date>-<device>.json)")
     args = parser.parse_args()
@@ -198,7 +202,7 @@ def main() -> None:
         if name not in variants:
             return
         step = build()
-        results[name] = timed(step, args.warmup + (name == "adaltm_compile"), args.iters, device)
+        results[name] = timed(step, args.warmup + name.endswith("_compile"), args.iters, device)
         print(f"{name:26s} {results[name][0]:9.1f} ms  peak {results[name][1]:.2f} GiB", flush=True)
         del step
         if device == "cuda":
@@ -207,6 +211,9 @@ def main() -> None:
     numerics = compare_numerics(naive_module(), upstream(), wav, wavs)
     print(f"numerics: hidden states max |Δ| {numerics['hidden_states_max_abs_diff']:.2e}, "
           f"dλ max relative Δ {numerics['dlambda_max_rel_diff']:.2e}", flush=True)
+    if device == "cuda" and "adaltm_flex" in variants:
+        numerics["flex"] = compare_numerics(naive_module(), upstream(attention="flex"), wav, wavs)
+        print(f"numerics (flex): {numerics['flex']}", flush=True)
 
     def naive_training():
         module = naive_module()
@@ -231,13 +238,13 @@ def main() -> None:
                "adaltm_ties": {"vector_ops": {"trim_top_k": 0.2, "ties": True}}}
     for name, merge in methods.items():
         measure(name, lambda merge=merge, name=name: lambda_training({}, merge, name))
-    if device == "cuda" or args.compile_on_cpu:
-        def compiled():
-            module = upstream()
-            backbone = torch.compile(module.backbone)
-            return optimised(module, module.merge.coefficients,
-                             lambda mod: backbone(wavs, params=mod.merge()).hidden_states)
-        measure("adaltm_compile", compiled)
+    compiled = {"adaltm_compile": {"compile": True}}
+    if device == "cuda":
+        compiled.update(adaltm_flex_compile={"compile": True, "attention": "flex"})
+        measure("adaltm_flex", lambda: lambda_training({"attention": "flex"}, name="adaltm_flex"))
+    for name, speed in compiled.items():
+        if device == "cuda" or args.compile_on_cpu:
+            measure(name, lambda speed=speed, name=name: lambda_training(speed, name=name))
 
     def finetune():
         model = WavLMModel(config).to(device).train()
