@@ -160,7 +160,7 @@ class WavLMBackbone(nn.Module):
         self.normalize = normalize
         self.hidden_states = hidden_states
         self.attention = attention
-        self._encode, self._dynamic_batch = self._encode_eagerly, False
+        self._compiled = None
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, hidden_states: HiddenStates = "all",
@@ -177,20 +177,22 @@ class WavLMBackbone(nn.Module):
 
     def compile_encoder(self, **options) -> None:
         """`torch.compile` of everything after the padding (CNN to last layer, the merged weights as inputs).
-        The batch's size and length are dynamic from the first call, the weights' shapes static, so lengths and
-        sizes never recompile (a batch of one utterance, and running without autograd, are graphs of their own)."""
-        self._encode = torch.compile(self._encode_eagerly, **options)
-        self._dynamic_batch = True
+        The batch's size and length are dynamic from the first call and the weights' shapes static, so new lengths
+        and sizes do not recompile; training and evaluation (no autograd) are a graph each. A lone utterance runs
+        eagerly: size 1 would be a graph of its own, for s3prl's featurizer probing the upstream once at start, a
+        last batch of one, or `-m inference`."""
+        self._compiled = torch.compile(self._encode_eagerly, **options)
 
     def forward(self, wavs: list[torch.Tensor] | Padded,
                 params: dict[str, torch.Tensor] | None = None) -> BackboneOutput:
         if isinstance(wavs, Padded):  # called back by functional_call in _encode_eagerly, weights swapped in
             return self._states(wavs)
         batch = self.pad(wavs)
-        if self._dynamic_batch:
-            for tensor, dim in ((batch.wavs, 0), (batch.wavs, 1), (batch.lengths, 0)):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return self._encode(batch, params)
+        if self._compiled is None or len(wavs) == 1:
+            return self._encode_eagerly(batch, params)
+        for tensor, dim in ((batch.wavs, 0), (batch.wavs, 1), (batch.lengths, 0)):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return self._compiled(batch, params)
 
     def pad(self, wavs: list[torch.Tensor]) -> Padded:
         if self.normalize:

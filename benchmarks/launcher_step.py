@@ -16,7 +16,8 @@ step and every batch the data loader hands over. Variants are named `<upstream>_
 
 Per variant: ms_per_step (mean over the measured steps, data-loader waits included) and its median, audio
 seconds trained per second, data-loader wait per step, compilations (dynamo graphs in the run), seconds to the
-first step, peak GiB (CUDA: allocated; CPU: the process's peak RSS), into
+first step (compiling included, with empty compile caches), peak GiB (CUDA: allocated; CPU: the process's peak
+RSS), into
 `benchmarks/results/<date>-<device>-launcher[-<geometry>].json` (or --output), rewritten after every variant.
 
     python benchmarks/launcher_step.py                      # GPU: WavLM-Large geometry, batch 32
@@ -31,6 +32,7 @@ import argparse
 import atexit
 import datetime
 import json
+import os
 import platform
 import re
 import resource
@@ -259,7 +261,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="utterances per step (default 32; tiny 8)")
     parser.add_argument("--warmup", type=int, help="steps before measuring (default 5; tiny 3)")
     parser.add_argument("--steps", type=int, help="measured steps (default 20; tiny 6)")
-    parser.add_argument("--compile-steps", type=int, default=200, help="total steps of compiled variants (GPU)")
+    parser.add_argument("--compile-steps", type=int, help="total steps of compiled variants, whose compilations "
+                                                          "are counted over the whole run (default 200; CPU 30)")
     parser.add_argument("--workers", type=int, help="data-loader workers (default: the packaged config's 4; "
                                                     "tiny 1)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
@@ -282,6 +285,7 @@ def main() -> None:
     batch, steps = args.batch or (8 if small else 32), args.steps or (6 if small else 20)
     warmup = args.warmup if args.warmup is not None else (3 if small else 5)
     workers = args.workers if args.workers is not None else (1 if small else 4)
+    compile_steps = args.compile_steps or (200 if device == "cuda" else 30)
     if args.variants:
         names = args.variants.split(",")
     elif device == "cuda":
@@ -311,7 +315,7 @@ def main() -> None:
             report["skipped"].append(name)
             continue
         config = upstream_config(workdir, name, base, vectors, options) if kind == "adaltm" else None
-        run_steps = max(warmup + steps, args.compile_steps if "compile" in options and device == "cuda" else 0)
+        run_steps = max(warmup + steps, compile_steps if "compile" in options else 0)
         probe_file = workdir / f"{name}.probe.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(probe_file), "--",
                    *launcher_args(kind, precision, config, base, workdir / "MSP-Podcast", workdir / name, run_steps,
@@ -319,9 +323,11 @@ def main() -> None:
         print(f"[launcher_step] {name}: {run_steps} steps", file=sys.stderr, flush=True)
         log = workdir / f"{name}.log"
         try:
+            cold = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"{name}.inductor"),  # compile as a first run does
+                    "TRITON_CACHE_DIR": str(workdir / f"{name}.triton")}
             with open(log, "w") as handle:
                 done = subprocess.run(command, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT,
-                                      timeout=args.variant_timeout_s)
+                                      timeout=args.variant_timeout_s, env={**os.environ, **cold})
             if done.returncode != 0:
                 raise RuntimeError(f"exit {done.returncode}: {log.read_text(errors='replace').strip()[-600:]}")
             figures = summarise(json.loads(probe_file.read_text()), warmup, steps)
