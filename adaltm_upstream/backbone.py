@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.utils.rnn import pad_sequence
 from transformers import WavLMConfig, WavLMModel
 
@@ -38,6 +38,7 @@ from adaltm_upstream.checkpoints import Checkpoint
 
 HiddenStates = Literal["all", "transformer"]
 Attention = Literal["eager", "sdpa", "flex"]
+FLEX_BLOCK = 128  # FlexAttention's default block of queries and keys
 
 
 @dataclass
@@ -94,7 +95,7 @@ def relative_table(attention: nn.Module, frames: int) -> torch.Tensor:
 def padding_block_mask(frame_lengths: torch.Tensor, frames: int) -> BlockMask:
     """FlexAttention's mask of padded keys, built from the lengths (O(B · blocks), no T×T evaluation): per
     utterance its whole key blocks are full, the block holding its last frame is partial, the rest is skipped."""
-    size = _DEFAULT_SPARSE_BLOCK_SIZE
+    size = FLEX_BLOCK
     blocks = (frames + size - 1) // size
     full = (frame_lengths // size).to(torch.int32)
     partial = (frame_lengths % size != 0).to(torch.int32)
