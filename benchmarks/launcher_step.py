@@ -350,7 +350,7 @@ def main() -> None:
             print(f"[launcher_step] {name}: failed: {str(error)[-300:]}", file=sys.stderr, flush=True)
         else:
             report["ms_per_step_runs"].setdefault(name, []).append(round(figures["ms_per_step"], 1))
-            if figures["ms_per_step"] == min(report["ms_per_step_runs"][name]):  # the least disturbed run
+            if figures["ms_per_step"] < report["ms_per_step"].get(name, float("inf")):  # the least disturbed run
                 for key, value in figures.items():
                     if key in report and isinstance(report[key], dict):
                         report[key][name] = round(value, 3) if isinstance(value, float) else value
