@@ -14,7 +14,8 @@ step and every batch the data loader hands over. Variants are named `<upstream>_
   p: bf16 | fp16 | fp32 (runner.precision); options: compile (speed.compile), flex (speed.attention: flex),
      freeze0 (speed.freeze_group0: no backward through the CNN)
 
-Per variant: ms_per_step (mean over the measured steps, data-loader waits included) and its median, audio
+Per variant: ms_per_step (mean over the measured steps, data-loader waits included) and its median, the process's
+CPU time per step (all its threads; on a shared CPU it moves far less with the neighbours' load than wall time), audio
 seconds trained per second, data-loader wait per step, compilations (dynamo graphs in the run), seconds to the
 first step (compiling included, with empty compile caches), peak GiB (CUDA: allocated; CPU: the process's peak
 RSS), into
@@ -168,7 +169,7 @@ def probe(out: Path) -> None:
     from s3prl.downstream.runner import Runner
     from torch._dynamo.utils import counters
 
-    record = {"steps": [], "batches": [], "precision": None}
+    record = {"steps": [], "cpu": [], "batches": [], "precision": None}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def get_optimizer(runner, params, _original=Runner._get_optimizer):
@@ -179,6 +180,7 @@ def probe(out: Path) -> None:
             result = step(*args, **kwargs)
             sync()
             record["steps"].append(time.perf_counter())
+            record["cpu"].append(time.process_time())  # every thread of this process: less sensitive to neighbours
             return result
 
         optimizer.step = timed_step
@@ -242,6 +244,7 @@ def summarise(record: dict, warmup: int, steps: int) -> dict:
     waits = [end - start for start, end, _ in measured]
     return {"ms_per_step": 1000 * elapsed / steps,
             "ms_per_step_median": 1000 * statistics.median(b - a for a, b in zip(window, window[1:])),
+            "cpu_ms_per_step": 1000 * (record["cpu"][-1] - record["cpu"][-steps - 1]) / steps,
             "audio_s_per_s": sum(s for _, _, s in measured) / elapsed,
             "data_wait_ms_per_step": 1000 * statistics.mean(waits),
             "data_wait_fraction": sum(waits) / elapsed,
@@ -256,7 +259,8 @@ def run_variant(run: Path, arguments: list[str], warmup: int, steps: int, timeou
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     probe_file, log = run / "probe.json", run / "launcher.log"
-    cold = {"TORCHINDUCTOR_CACHE_DIR": str(run / "inductor"), "TRITON_CACHE_DIR": str(run / "triton")}
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(run / "inductor"), "TRITON_CACHE_DIR": str(run / "triton"),
+            "OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep: CPU time counts work, not spinning
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(probe_file), "--", *arguments]
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=run, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
@@ -326,12 +330,13 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     out = Path(args.output) if args.output else \
         RESULTS / f"{date}-{slug}-launcher{'' if geometry == 'large' else '-' + geometry}.json"
+    keys = ("ms_per_step", "ms_per_step_median", "cpu_ms_per_step", "audio_s_per_s", "data_wait_ms_per_step",
+               "data_wait_fraction", "compilations", "first_step_s", "peak_gib", "precision", "ratios",
+               "ratios_cpu_time", "errors", "ms_per_step_runs")
     report = {"device": device_name(device), "torch": torch.__version__, "geometry": geometry,
               "params_m": round(params_m, 1), "batch": batch, "warmup": warmup, "steps": steps, "corpus": corpus,
-              "cpu_threads": torch.get_num_threads(), "date": date, "ms_per_step": {}, "ms_per_step_median": {},
-              "audio_s_per_s": {}, "data_wait_ms_per_step": {}, "data_wait_fraction": {}, "compilations": {},
-              "first_step_s": {}, "peak_gib": {}, "precision": {}, "ratios": {}, "errors": {}, "skipped": [],
-              "repeat": args.repeat, "ms_per_step_runs": {}}
+              "cpu_threads": torch.get_num_threads(), "date": date, "repeat": args.repeat, "skipped": [],
+              **{key: {} for key in keys}}
     for index, name in enumerate(n for _ in range(args.repeat) for n in variants):  # repeats in rotation: A B A B
         if time.perf_counter() - started > args.budget_s:
             report["skipped"].append(name)
@@ -355,14 +360,16 @@ def main() -> None:
                     if key in report and isinstance(report[key], dict):
                         report[key][name] = round(value, 3) if isinstance(value, float) else value
             report["peak_kind"] = figures["peak_kind"]
-            print(f"[launcher_step] {name}: {figures['ms_per_step']:.1f} ms/step "
+            print(f"[launcher_step] {name}: {figures['ms_per_step']:.1f} ms/step, "
+                  f"{figures['cpu_ms_per_step']:.1f} CPU-ms/step "
                   f"({figures['audio_s_per_s']:.1f} audio-s/s, data wait {100 * figures['data_wait_fraction']:.1f} %, "
                   f"{figures['compilations']} compilations, peak {figures['peak_gib']:.2f} GiB)",
                   file=sys.stderr, flush=True)
-        ms = report["ms_per_step"]
-        report["ratios"] = {f"{n}_over_s3prl_finetune_{p}": round(ms[n] / ms[f"s3prl_finetune_{p}"], 3)
-                            for n, (k, p, _) in variants.items()
-                            if k == "adaltm" and n in ms and f"s3prl_finetune_{p}" in ms}
+        for key, figure in (("ratios", "ms_per_step"), ("ratios_cpu_time", "cpu_ms_per_step")):
+            ms = report[figure]
+            report[key] = {f"{n}_over_s3prl_finetune_{p}": round(ms[n] / ms[f"s3prl_finetune_{p}"], 3)
+                           for n, (k, p, _) in variants.items()
+                           if k == "adaltm" and n in ms and f"s3prl_finetune_{p}" in ms}
         atomic_write_text(out, json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["ratios"]), f"\nwrote {out}", file=sys.stderr)
 
