@@ -197,22 +197,34 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return step
 
+    errors: dict[str, str] = {}
+
     def measure(name: str, build) -> None:
-        """Build, time, free: each variant's peak memory counts only its own tensors."""
+        """Build, time, free: each variant's peak memory counts only its own tensors. A variant that fails is
+        reported in `errors` and the others still run (a GPU run is scarce)."""
         if name not in variants:
             return
-        step = build()
-        results[name] = timed(step, args.warmup + name.endswith("_compile"), args.iters, device)
+        try:
+            step = build()
+            results[name] = timed(step, args.warmup + name.endswith("_compile"), args.iters, device)
+        except Exception as error:  # recorded in the report, never hidden
+            errors[name] = f"{type(error).__name__}: {str(error)[-600:]}"
+            print(f"{name:26s} failed: {errors[name][:300]}", flush=True)
+            return
+        finally:
+            step = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
         print(f"{name:26s} {results[name][0]:9.1f} ms  peak {results[name][1]:.2f} GiB", flush=True)
-        del step
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
     numerics = compare_numerics(naive_module(), upstream(), wav, wavs)
     print(f"numerics: hidden states max |Δ| {numerics['hidden_states_max_abs_diff']:.2e}, "
           f"dλ max relative Δ {numerics['dlambda_max_rel_diff']:.2e}", flush=True)
     if device == "cuda" and "adaltm_flex" in variants:
-        numerics["flex"] = compare_numerics(naive_module(), upstream(attention="flex"), wav, wavs)
+        try:
+            numerics["flex"] = compare_numerics(naive_module(), upstream(attention="flex"), wav, wavs)
+        except Exception as error:  # recorded in the report
+            numerics["flex"] = {"error": f"{type(error).__name__}: {str(error)[-600:]}"}
         print(f"numerics (flex): {numerics['flex']}", flush=True)
 
     def naive_training():
@@ -278,7 +290,7 @@ def main() -> None:
         "batch": batch, "seconds": seconds, "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny,
         "ms_per_step": {k: round(v[0], 2) for k, v in results.items()},
         "peak_gib": {k: (None if np.isnan(v[1]) else round(v[1], 2)) for k, v in results.items()},
-        "construction_s": construction_s, "ratios": {}, "numerics": numerics,
+        "construction_s": construction_s, "ratios": {}, "numerics": numerics, "errors": errors,
         "bucketing_padded_fraction_msp_like": round(padded, 4),
         "date": datetime.date.today().isoformat(),
     }
