@@ -112,26 +112,34 @@ def padding_block_mask(frame_lengths: torch.Tensor, frames: int) -> BlockMask:
                                     BLOCK_SIZE=size, mask_mod=keys_valid, seq_lengths=(frames, frames))
 
 
-def flex_gated_attention(attention: nn.Module, x: torch.Tensor, block_mask: BlockMask,
+def flex_gated_attention(attention: nn.Module, x: torch.Tensor, frame_lengths: torch.Tensor,
                          table: torch.Tensor) -> torch.Tensor:
     """The same attention through FlexAttention: score + gate(b, h, q) · table(h, k − q), inside the kernel."""
     per_head, q, k, v = _heads(attention, x)
     if x.device.type == "cpu" and q.requires_grad:
         raise UserError("speed.attention: flex cannot train on the CPU (torch's FlexAttention has no CPU "
                         "backward); use sdpa there")
-    gates, offset = gate(attention, per_head), x.shape[1] - 1
+    kernel = _flex_kernel if torch.compiler.is_compiling() or x.device.type == "cpu" else _compiled_flex_kernel()
+    return _merge_heads(attention, kernel(q, k, v, gate(attention, per_head), table, frame_lengths))
+
+
+def _flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, table: torch.Tensor,
+                 frame_lengths: torch.Tensor) -> torch.Tensor:
+    """Block mask and score_mod built from tensors only, so that compiled the frame count stays symbolic (a
+    BlockMask built outside would carry it as a constant: one compilation per length)."""
+    frames = q.shape[2]
 
     def gated_bias(score, b, h, q_index, k_index):
-        return score + gates[b, h, q_index] * table[h, k_index - q_index + offset]
+        return score + gates[b, h, q_index] * table[h, k_index - q_index + frames - 1]
 
-    kernel = flex_attention if torch.compiler.is_compiling() or x.device.type == "cpu" else _compiled_flex()
-    return _merge_heads(attention, kernel(q, k, v, score_mod=gated_bias, block_mask=block_mask))
+    return flex_attention(q, k, v, score_mod=gated_bias, block_mask=padding_block_mask(frame_lengths, frames))
 
 
 @functools.cache
-def _compiled_flex():
-    """FlexAttention is only fused when compiled; outside `compile_encoder` the kernel alone is (once)."""
-    return torch.compile(flex_attention, dynamic=True)
+def _compiled_flex_kernel():
+    """FlexAttention is only fused when compiled; outside `compile_encoder` the kernel alone is (once, with
+    dynamic shapes: every layer and every batch length use the same graph)."""
+    return torch.compile(_flex_kernel, dynamic=True)
 
 
 def model_on(config: WavLMConfig, weights: Mapping[str, torch.Tensor]) -> WavLMModel:
@@ -243,8 +251,8 @@ class WavLMBackbone(nn.Module):
             bias = first.compute_bias(frames, frames)
             attend = functools.partial(sdpa_attention, key_valid=valid, position_bias=bias)
         elif self.attention == "flex":
-            mask = padding_block_mask(frame_lengths, frames)
-            attend = functools.partial(flex_gated_attention, block_mask=mask, table=relative_table(first, frames))
+            attend = functools.partial(flex_gated_attention, frame_lengths=frame_lengths,
+                                       table=relative_table(first, frames))
         states, position_bias = [], None
         for index, layer in enumerate(encoder.layers):
             states.append(hidden)
