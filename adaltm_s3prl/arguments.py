@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -22,6 +23,7 @@ import yaml
 from adaltm_core.errors import UserError
 from adaltm_core.safe_load import torch_load
 from adaltm_core.settings import parse
+from adaltm_s3prl import precision
 
 STEP = {"min": 1}
 
@@ -108,6 +110,8 @@ class RunnerSettings:
     gradient_accumulate_steps: int = field(default=1, metadata=STEP)
     fp16: bool = False
     train_dataloader: str = "train"
+    # the plugin's: bf16 | fp16 | fp32, or auto (bf16 on a GPU with native bf16, else fp32); adaltm_s3prl.precision
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
 def check_states_file(path: str, flag: str) -> dict:
@@ -213,11 +217,13 @@ def check_output_directory(path: str) -> None:
         raise UserError(f"{existing}: -p: not writable")
 
 
-def check_config(config: dict, source: str) -> None:
-    """The run's config after s3prl merged `-c`, the checkpoint's and `-o`: its `runner` and `optimizer`."""
+def check_config(config: dict, source: str, device: str) -> None:
+    """The run's config after s3prl merged `-c`, the checkpoint's and `-o`: its `runner` (its precision on
+    `device` included) and `optimizer`."""
     runner = config.get("runner")
     parse(RunnerSettings, {k: v for k, v in (runner or {}).items() if k in RunnerSettings.__dataclass_fields__},
           f"{source}: runner")
+    precision.resolve(runner or {}, device, source)
     optimizer = config.get("optimizer")
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str):
         raise UserError(f"{source}: optimizer.name: missing (e.g. AdamW, TorchOptim, DifferentialAdamW)")

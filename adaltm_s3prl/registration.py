@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import adaltm_downstream
+from adaltm_s3prl import precision
 from adaltm_s3prl.arguments import check_config, known_arguments
 
 DOWNSTREAM_DIR = Path(adaltm_downstream.__file__).resolve().parent
@@ -34,6 +35,7 @@ def register() -> None:
     if str(DOWNSTREAM_DIR) not in s3prl.downstream.__path__:
         s3prl.downstream.__path__.append(str(DOWNSTREAM_DIR))
     if not getattr(Runner._get_upstream, "_adaltm_hook", False):
+        Runner.__init__ = _with_precision(Runner.__init__)
         Runner._get_upstream = _attach_experiment(Runner._get_upstream)
         Runner._get_featurizer = _layer_stack_when_asked(Runner._get_featurizer)
         run_downstream.get_downstream_args = _checked_config(run_downstream.get_downstream_args)
@@ -45,12 +47,22 @@ def _checked_config(get_downstream_args):
 
     def wrapped():
         args, config, backup_files = get_downstream_args()
-        check_config(config, args.past_exp or args.config or "config")
+        check_config(config, args.past_exp or args.config or "config", args.device)
         asked = known_arguments(sys.argv[1:]).expdir if args.past_exp else None  # s3prl applies -o args.expdir
         if asked:
             args.expdir = asked
             os.makedirs(asked, exist_ok=True)
         return args, config, backup_files
+
+    return wrapped
+
+
+def _with_precision(init):
+    """Once s3prl's Runner built upstream, featurizer and downstream: run them in `runner.precision`."""
+
+    def wrapped(runner, args, config):
+        init(runner, args, config)
+        precision.apply(runner)
 
     return wrapped
 

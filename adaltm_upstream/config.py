@@ -43,12 +43,14 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    # Attention through torch's scaled_dot_product_attention with WavLM's gated bias as the mask.
-    sdpa_attention: bool = True
+    # sdpa: torch's scaled_dot_product_attention with WavLM's gated bias as a (B, H, T, T) mask; flex:
+    # FlexAttention with the bias computed inside the kernel (CUDA; CPU: inference only); eager: transformers'.
+    attention: Literal["sdpa", "flex", "eager"] = "sdpa"
     # Keep group 0 (CNN, projection, positional conv) at its initial λ so the CNN needs no backward.
     freeze_group0: bool = False
     # Store task vectors in bf16 (halves their memory; merging still accumulates in fp32).
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch.compile of the backbone after padding, shapes dynamic: a few graphs per run, not one per length
     compile: bool = False
 
 
@@ -62,6 +64,9 @@ class UpstreamConfig:
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def check(self, where: str) -> None:
+        if self.speed.attention == "flex" and self.merge.train_merged_weights:
+            raise ConfigError(f"{key(where, 'speed.attention')}: flex has no attention dropout, which "
+                              "merge.train_merged_weights trains with; use sdpa")
         for name in self.task_vectors:
             if not name.isidentifier():
                 raise ConfigError(f"{key(where, 'task_vectors')}: task name {name!r} must be an identifier")

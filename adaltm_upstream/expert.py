@@ -45,16 +45,15 @@ class WavLMUpstream(nn.Module):
 
     def _set_backbone(self, backbone: WavLMBackbone) -> None:
         self.backbone = backbone
-        # speed.compile: the backbone through torch.compile (dynamic shapes: utterance lengths vary)
-        self._run_backbone = (torch.compile(backbone.forward, dynamic=True) if self.config.speed.compile
-                              else backbone.forward)
+        if self.config.speed.compile:
+            backbone.compile_encoder()
 
     # -- s3prl's upstream interface -------------------------------------------------------------------------
     def get_downsample_rates(self, key: str) -> int:
         return math.prod(self.backbone.config.conv_stride)
 
     def _outputs(self, wavs: list[torch.Tensor], params: dict[str, torch.Tensor] | None) -> dict:
-        hidden = self._run_backbone(wavs, params=params).hidden_states
+        hidden = self.backbone(wavs, params=params).hidden_states
         result = {"hidden_states": hidden, "last_hidden_state": hidden[-1]}
         result.update({f"hidden_state_{i}": s for i, s in enumerate(hidden)})
         return result
@@ -81,7 +80,7 @@ class AdaLTMUpstream(WavLMUpstream):
                              sources.init, config.merge.constraints, sources.vector_dtype)
         base = sources.base
         self._set_backbone(WavLMBackbone(base.config, base.normalize, config.hidden_states,
-                                         sdpa=config.speed.sdpa_attention, weights=merge.base_views()))
+                                         attention=config.speed.attention, weights=merge.base_views()))
         self.backbone.requires_grad_(False)
         self.merge = merge  # after the backbone: optimizer states of resumed runs address parameters by position
         self.backbone.register_state_dict_post_hook(_drop_frozen_backbone)
@@ -94,7 +93,12 @@ class AdaLTMUpstream(WavLMUpstream):
         self._expdir: str | None = None
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
-        result = self._outputs(wavs, self.merge() if self.merge.num_tasks else None)
+        params = None
+        if self.merge.num_tasks:
+            # λ and the merge's accumulation stay fp32 under any autocast (addmv would otherwise run in bf16/fp16)
+            with torch.autocast(self.merge.fixed.device.type, enabled=False):
+                params = self.merge()
+        result = self._outputs(wavs, params)
         if self.training and torch.is_grad_enabled():
             self.log_step += 1
             if self.log_step == 1 or self.log_step % LOG_EVERY == 0:

@@ -44,7 +44,7 @@ class MergedWeightsUpstream(WavLMUpstream):
         sources = merge_sources.load(config, base, vectors)
         super().__init__(config, sources.fingerprint)
         self._set_backbone(WavLMBackbone(sources.base.config, sources.base.normalize, config.hidden_states,
-                                         sdpa=config.speed.sdpa_attention, weights=initial_weights(sources)))
+                                         attention=config.speed.attention, weights=initial_weights(sources)))
         self.backbone.requires_grad_(True)
         self.register_load_state_dict_pre_hook(_drop_earlier_merge_state)
 

@@ -10,13 +10,16 @@ All figures of one run come from the same process, device and inputs (random Wav
   finetune  forward + backward + fused AdamW over all weights of transformers' `WavLMModel` (stock full fine-tune)
   frozen    no-grad forward of an exported merged model in our backbone (what inference costs)
   ablations adaltm_eager (no SDPA), adaltm_bf16 (bf16 task vectors), adaltm_freeze0 (λ of group 0 frozen: no CNN
-            backward), adaltm_compile (torch.compile of the backbone forward; GPU only unless --compile-on-cpu)
+            backward), adaltm_compile (speed.compile; GPU only unless --compile-on-cpu), adaltm_flex (speed.attention:
+            flex, the position bias inside FlexAttention's kernel; GPU only: torch has no FlexAttention backward on
+            the CPU), adaltm_flex_compile (both)
   methods   what a merging method adds to a step: adaltm_tensorwise (one λ per tensor, AdaMerging's granularity),
             adaltm_tensorwise_softmax (+ clamp [0, 1] and softmax across tasks), adaltm_ties (TIES task vectors:
             same step, the one-off construction cost is reported as `construction_s`)
 
-Also reported: the fast path's hidden states and dλ against the naive path (same weights, same λ), and the padded
-fraction of length-bucketed batches on an MSP-Podcast-like length distribution.
+Also reported: the fast path's hidden states and dλ against the naive path (same weights, same λ; on a GPU also the
+FlexAttention path's), and the padded fraction of length-bucketed batches on an MSP-Podcast-like length
+distribution.
 
     python benchmarks/train_step.py            # GPU, bf16, batch 32 x 6 s
     python benchmarks/train_step.py --tiny     # CPU, fp32, seconds
@@ -139,7 +142,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default="naive,adaltm,finetune,frozen,adaltm_eager,adaltm_bf16,adaltm_freeze0,"
-                                              "adaltm_compile,adaltm_tensorwise,adaltm_tensorwise_softmax,adaltm_ties")
+                                              "adaltm_compile,adaltm_flex,adaltm_flex_compile,adaltm_tensorwise,"
+                                              "adaltm_tensorwise_softmax,adaltm_ties")
     parser.add_argument("--compile-on-cpu", action="store_true")
     parser.add_argument("--out", help="result file (default benchmarks/results/<date>-<device>.json)")
     args = parser.parse_args()
@@ -193,20 +197,35 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return step
 
+    errors: dict[str, str] = {}
+
     def measure(name: str, build) -> None:
-        """Build, time, free: each variant's peak memory counts only its own tensors."""
+        """Build, time, free: each variant's peak memory counts only its own tensors. A variant that fails is
+        reported in `errors` and the others still run (a GPU run is scarce)."""
         if name not in variants:
             return
-        step = build()
-        results[name] = timed(step, args.warmup + (name == "adaltm_compile"), args.iters, device)
+        try:
+            step = build()
+            results[name] = timed(step, args.warmup + name.endswith("_compile"), args.iters, device)
+        except Exception as error:  # recorded in the report, never hidden
+            errors[name] = f"{type(error).__name__}: {str(error)[-600:]}"
+            print(f"{name:26s} failed: {errors[name][:300]}", flush=True)
+            return
+        finally:
+            step = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
         print(f"{name:26s} {results[name][0]:9.1f} ms  peak {results[name][1]:.2f} GiB", flush=True)
-        del step
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
     numerics = compare_numerics(naive_module(), upstream(), wav, wavs)
     print(f"numerics: hidden states max |Δ| {numerics['hidden_states_max_abs_diff']:.2e}, "
           f"dλ max relative Δ {numerics['dlambda_max_rel_diff']:.2e}", flush=True)
+    if device == "cuda" and "adaltm_flex" in variants:
+        try:
+            numerics["flex"] = compare_numerics(naive_module(), upstream(attention="flex"), wav, wavs)
+        except Exception as error:  # recorded in the report
+            numerics["flex"] = {"error": f"{type(error).__name__}: {str(error)[-600:]}"}
+        print(f"numerics (flex): {numerics['flex']}", flush=True)
 
     def naive_training():
         module = naive_module()
@@ -221,7 +240,7 @@ def main() -> None:
         return optimised(module, module.merge.coefficients, lambda mod: mod(wavs)["hidden_states"])
 
     measure("naive", naive_training)
-    ablations = {"adaltm": {}, "adaltm_eager": {"sdpa_attention": False}, "adaltm_bf16": {"vector_dtype": "bfloat16"},
+    ablations = {"adaltm": {}, "adaltm_eager": {"attention": "eager"}, "adaltm_bf16": {"vector_dtype": "bfloat16"},
                  "adaltm_freeze0": {"freeze_group0": True}}
     for name, speed in ablations.items():
         measure(name, lambda speed=speed, name=name: lambda_training(speed, name=name))
@@ -231,13 +250,13 @@ def main() -> None:
                "adaltm_ties": {"vector_ops": {"trim_top_k": 0.2, "ties": True}}}
     for name, merge in methods.items():
         measure(name, lambda merge=merge, name=name: lambda_training({}, merge, name))
-    if device == "cuda" or args.compile_on_cpu:
-        def compiled():
-            module = upstream()
-            backbone = torch.compile(module.backbone)
-            return optimised(module, module.merge.coefficients,
-                             lambda mod: backbone(wavs, params=mod.merge()).hidden_states)
-        measure("adaltm_compile", compiled)
+    compiled = {"adaltm_compile": {"compile": True}}
+    if device == "cuda":
+        compiled.update(adaltm_flex_compile={"compile": True, "attention": "flex"})
+        measure("adaltm_flex", lambda: lambda_training({"attention": "flex"}, name="adaltm_flex"))
+    for name, speed in compiled.items():
+        if device == "cuda" or args.compile_on_cpu:
+            measure(name, lambda speed=speed, name=name: lambda_training(speed, name=name))
 
     def finetune():
         model = WavLMModel(config).to(device).train()
@@ -271,7 +290,7 @@ def main() -> None:
         "batch": batch, "seconds": seconds, "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny,
         "ms_per_step": {k: round(v[0], 2) for k, v in results.items()},
         "peak_gib": {k: (None if np.isnan(v[1]) else round(v[1], 2)) for k, v in results.items()},
-        "construction_s": construction_s, "ratios": {}, "numerics": numerics,
+        "construction_s": construction_s, "ratios": {}, "numerics": numerics, "errors": errors,
         "bucketing_padded_fraction_msp_like": round(padded, 4),
         "date": datetime.date.today().isoformat(),
     }

@@ -13,13 +13,13 @@ BASE_LIKE = dict(extractor_mode="default", layer_norm_first=False, normalize=Fal
 
 
 @pytest.mark.parametrize("overrides", [{}, BASE_LIKE], ids=["large-like", "base-like"])
-@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "eager"])
-def test_padded_batch_equals_s3prl_wavlm_per_utterance(tmp_path, overrides, sdpa):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex"])
+def test_padded_batch_equals_s3prl_wavlm_per_utterance(tmp_path, overrides, attention):
     from s3prl.upstream.wavlm.expert import UpstreamExpert
 
     path = write_unilm_checkpoint(tmp_path / "tiny.pt", seed=3, **overrides)
     reference = UpstreamExpert(str(path)).eval()
-    backbone = WavLMBackbone.from_checkpoint(load_checkpoint(path), sdpa=sdpa).eval()
+    backbone = WavLMBackbone.from_checkpoint(load_checkpoint(path), attention=attention).eval()
     torch.manual_seed(0)
     wavs = [torch.randn(n) * 0.3 for n in (16000, 9000, 12345, 4000)]
     with torch.no_grad():

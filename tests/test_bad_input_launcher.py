@@ -77,7 +77,7 @@ def test_runner_and_optimizer_sections():
 
     registration.register()  # DifferentialAdamW in s3prl's lookup
     good = example_config()
-    arguments.check_config(good, "cfg.yaml")
+    arguments.check_config(good, "cfg.yaml", "cpu")
     cases = [
         ({"runner": {**good["runner"], "total_steps": 0}}, "cfg.yaml: runner.total_steps: must be at least 1"),
         ({"runner": {k: v for k, v in good["runner"].items() if k != "eval_step"}}, "runner.eval_step: missing"),
@@ -93,12 +93,18 @@ def test_runner_and_optimizer_sections():
         ({"optimizer": {"name": "DifferentialAdamW", "betas": [0.9]}}, "betas: expected a list of 2 numbers"),
         ({"optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "amsgrad": "yes"}},
          "optimizer.amsgrad: expected true or false, got 'yes'"),
+        ({"runner": {**good["runner"], "precision": "bf32"}}, "runner.precision: must be one of auto, bf16"),
+        ({"runner": {**good["runner"], "precision": "bf16", "fp16": True}}, "bf16 contradicts runner.fp16: true"),
+        ({"runner": {**good["runner"], "precision": "fp16"}}, "fp16 (or runner.fp16) needs a CUDA device"),
+        ({"runner": {**good["runner"], "fp16": True}}, "fp16 (or runner.fp16) needs a CUDA device"),
     ]
     for change, expected in cases:
-        assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml"), expected
+        assert expected in error_of(arguments.check_config, {**good, **change}, "cfg.yaml", "cpu"), expected
     for optimizer in ({"name": "DifferentialAdamW", "lr": 1e-2, "lambda_lr": None, "betas": [0.9, 0.98]},
                       {"name": "TorchOptim", "torch_optim_name": "SGD", "lr": 1, "nesterov": False}):
-        arguments.check_config({**good, "optimizer": optimizer}, "cfg.yaml")
+        arguments.check_config({**good, "optimizer": optimizer}, "cfg.yaml", "cpu")
+    for allowed in ("auto", "bf16", "fp32"):  # bf16 autocast runs on the CPU too
+        arguments.check_config({**good, "runner": {**good["runner"], "precision": allowed}}, "cfg.yaml", "cpu")
 
 
 def test_worker_and_machine_errors_become_one_line():

@@ -75,11 +75,14 @@ def test_stock_wavlm_local_on_example_trains_saves_and_resumes(tmp_path, tiny_un
 
 
 def test_torchrun_two_processes_gloo_really_distributed(tmp_path, tiny_unilm):
-    config = write_yaml(tmp_path / "example.yaml", example_config(total_steps=2))
+    config = example_config(total_steps=2)
+    config["runner"]["precision"] = "bf16"  # autocast inside DDP's wrapped modules
+    config = write_yaml(tmp_path / "example.yaml", config)
     expdir = tmp_path / "ddp"
-    run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "example",
-                  "-c", str(config), "-p", str(expdir), "--device", "cpu"], cwd=tmp_path, runner=TORCHRUN,
-                 timeout=400)
+    result = run_launcher(["-m", "train", "-u", "wavlm_local", "-k", str(tiny_unilm), "-d", "example",
+                           "-c", str(config), "-p", str(expdir), "--device", "cpu"], cwd=tmp_path, runner=TORCHRUN,
+                          timeout=400)
+    assert result.stderr.count("[adaltm] precision: bf16") == 2  # both ranks
     ckpt = load_states(expdir / "states-2.ckpt")
     # s3prl records the world size only when a process group is initialised; DDP's constructor has
     # already exchanged parameters between both ranks by then.
