@@ -135,9 +135,10 @@ def _merged_groups(sources: merge_sources.MergeSources, table: LambdaTable,
         if not slots:
             continue
         base, tau = fill_group(slots, sources.base.state, vectors, sources.vector_dtype)
-        with torch.no_grad():
-            yield merge_group(base, tau, table.for_group(lambdas, g), slots)
+        with torch.no_grad():  # never yield inside: the consumer would run with autograd off
+            merged = merge_group(base, tau, table.for_group(lambdas, g), slots)
         del base, tau
+        yield merged
 
 
 def _finite(group: dict[str, torch.Tensor], states_path: str | None) -> dict[str, torch.Tensor]:

@@ -164,3 +164,13 @@ def build_merge(base, vectors, groups, granularity, init, frozen_groups=frozense
     pipeline = VectorPipeline.fit(ops, vectors, tasks, [name for names in groups for name in names])
     return GroupedMerge(base, pipeline, groups, lambdas.table(granularity, groups, frozenset(frozen_groups)), init,
                         constraints)
+
+
+@pytest.fixture(autouse=True)
+def _torch_modes_restored():
+    """A test that leaves autograd off (s3prl's runner evaluates under `torch.set_grad_enabled(False)`) would fail
+    every later gradient test far from its cause: fail it here instead."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left torch's autograd disabled"
