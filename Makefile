@@ -37,8 +37,13 @@ system-packages:
 lint: setup
 	$(BIN)/ruff check .
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time: module fixtures (a
+# launcher run shared by a file's tests) are built once. Two keep 2 cores busy (one process leaves half idle while
+# a launcher starts); raise it on a larger machine, each worker needs up to ~3 GB.
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(BIN)/adaltm demo

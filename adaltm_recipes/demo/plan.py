@@ -31,7 +31,7 @@ class Size:
 FULL = Size({"Train": 1200, "Development": 200, "Test1": 900}, {"Train": 300, "Development": 60, "Test1": 60},
             pretrain_steps=600, finetune_steps=200, asr_steps=120, rows_steps=100, batch=16, grid="0:1:0.1")
 QUICK = Size({"Train": 120, "Development": 32, "Test1": 48}, {"Train": 60, "Development": 16, "Test1": 16},
-             pretrain_steps=100, finetune_steps=30, asr_steps=30, rows_steps=12, batch=16, grid="0.2,0.6,1")
+             pretrain_steps=40, finetune_steps=16, asr_steps=16, rows_steps=12, batch=16, grid="0.2,0.6,1")
 
 
 # The emotion head of every demo row: the paper's (linear) head. With the learning rates of `stages` it learns a

@@ -1,0 +1,54 @@
+"""Collect finished demos of both corpus conditions into `docs/demo_lexical.json` (issue 29's record).
+
+    python docs/demo_conditions.py prosody:0=results/demo prosody:1=results/demo-seed1 \
+        lexical:0=results/demo-lexical lexical:1=results/demo-lexical-seed1 -o docs/demo_lexical.json
+
+Per condition and seed: the rows the demo wrote (`results.json`), the λ the proposed row learned (per layer
+group, as merged), and the paired bootstrap difference dual (proposed) − SER-only on Test1 (`adaltm compare`'s
+computation, 1000 resamples over utterances), which is the question the lexical condition asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from adaltm_core.files import atomic_write_text
+from adaltm_downstream.common import results
+from adaltm_upstream.plotting import read_lambdas
+
+PROPOSED, SER_ONLY = "dual_layerwise", "setup3_ser_only"
+
+
+def condition_record(demo: Path) -> dict:
+    runs = demo / "runs"
+    dual = results.load_run(runs / PROPOSED, "test", "dual (proposed)")
+    ser = results.load_run(runs / SER_ONLY, "test", "SER-only")
+    paired = {metric: {"dual": d.a, "ser_only": d.b, "difference": d.difference, "ci95": d.interval,
+                       "significant": d.significant}
+              for metric, d in results.compare_runs(dual, ser, resamples=1000).items()}
+    tasks, lambdas, _ = read_lambdas(runs / PROPOSED)
+    return {"directory": str(demo), "rows": json.loads((demo / "results.json").read_text()),
+            "dual_minus_ser_only": paired,
+            "proposed_lambdas": {task: [row[t] for row in lambdas] for t, task in enumerate(tasks)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("demos", nargs="+", help="CONDITION:SEED=DEMO_DIRECTORY")
+    parser.add_argument("-o", "--output", default="docs/demo_lexical.json")
+    args = parser.parse_args()
+    record: dict = {"seeds": [], "conditions": {}}
+    for item in args.demos:
+        label, _, directory = item.partition("=")
+        condition, _, seed = label.partition(":")
+        record["conditions"].setdefault(condition, {})[seed] = condition_record(Path(directory))
+        if int(seed) not in record["seeds"]:
+            record["seeds"].append(int(seed))
+    atomic_write_text(Path(args.output), json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
