@@ -19,6 +19,8 @@ from adaltm_downstream.common import results
 from adaltm_upstream.plotting import read_lambdas
 
 PROPOSED, SER_ONLY = "dual_layerwise", "setup3_ser_only"
+SHOWN_ROWS = ("Setup 1: Baseline (frozen backbone)", "Setup 2: ASR-only vector", "Setup 3: SER-only vector",
+              "Setup 4: Dual-vector (proposed)", "Adaptive global merging")
 
 
 def condition_record(demo: Path) -> dict:
@@ -47,7 +49,27 @@ def main() -> None:
         if int(seed) not in record["seeds"]:
             record["seeds"].append(int(seed))
     atomic_write_text(Path(args.output), json.dumps(record, indent=1) + "\n")
+    print(markdown(record))
     print(f"wrote {args.output}")
+
+
+def markdown(record: dict) -> str:
+    """The README's table: UAR ± half-width per row, condition and seed; then dual − SER-only."""
+    columns = [(c, seed) for c, seeds in record["conditions"].items() for seed in seeds]
+    lines = ["| UAR (%) | " + " | ".join(f"{c}, seed {seed}" for c, seed in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+
+    def cell(row: dict) -> str:
+        low, high = row["ci95"]["uar"]
+        return f"{100 * row['uar']:.2f} ± {100 * (high - low) / 2:.2f}"
+
+    for name in SHOWN_ROWS:
+        rows = [next(r for r in record["conditions"][c][seed]["rows"] if r["name"] == name) for c, seed in columns]
+        lines.append(f"| {name} | " + " | ".join(cell(r) for r in rows) + " |")
+    paired = [record["conditions"][c][seed]["dual_minus_ser_only"]["uar"] for c, seed in columns]
+    lines.append("| dual − SER-only (paired, 95 % interval) | " + " | ".join(
+        f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" for d in paired) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
