@@ -145,6 +145,9 @@ def main() -> None:
                                               "adaltm_compile,adaltm_flex,adaltm_flex_compile,adaltm_tensorwise,"
                                               "adaltm_tensorwise_softmax,adaltm_ties")
     parser.add_argument("--compile-on-cpu", action="store_true")
+    parser.add_argument("--compile-numerics", action="store_true",
+                        help="also compare speed.compile's hidden states and dλ with the naive path (GPU; one more "
+                             "compilation, minutes: not in gpu_check.sh's time budget)")
     parser.add_argument("--out", help="result file (default benchmarks/results/<date>-<device>.json)")
     args = parser.parse_args()
 
@@ -220,9 +223,9 @@ def main() -> None:
     numerics = compare_numerics(naive_module(), upstream(), wav, wavs)
     print(f"numerics: hidden states max |Δ| {numerics['hidden_states_max_abs_diff']:.2e}, "
           f"dλ max relative Δ {numerics['dlambda_max_rel_diff']:.2e}", flush=True)
-    # the fast paths' numerics where their kernels exist (the CPU tests check them through aot_eager only)
+    # the fast paths' numerics where their kernels exist (the CPU tests check compile through aot_eager only)
     for label, speed in (("flex", {"attention": "flex"}), ("compile", {"compile": True})):
-        if device != "cuda" or f"adaltm_{label}" not in variants:
+        if device != "cuda" or f"adaltm_{label}" not in variants or (label == "compile" and not args.compile_numerics):
             continue
         try:
             numerics[label] = compare_numerics(naive_module(), upstream(**speed), wav, wavs)

@@ -63,7 +63,7 @@ def test_frozen_group0_keeps_the_other_gradients(merge_setup, reference):
 
 def test_compiled_backbone_matches(merge_setup, reference):
     """speed.compile's graph, forward and backward, traced by dynamo and AOTAutograd and run with eager kernels:
-    inductor's code generation for it takes minutes on 2 cores; its numerics are train_step.py's on a GPU."""
+    inductor's code generation for it takes minutes on 2 cores; on a GPU: train_step.py --compile-numerics."""
     torch._dynamo.reset()
     upstream = build(merge_setup, compile=True)
     assert upstream.backbone._compiled is not None
