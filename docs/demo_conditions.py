@@ -17,10 +17,10 @@ from pathlib import Path
 from adaltm_core.files import atomic_write_text
 from adaltm_downstream.common import results
 from adaltm_recipes.demo.plan import FULL
-from adaltm_recipes.demo_corpus import plan_corpus
+from adaltm_recipes.demo_corpus import Utterance, plan_corpus
 from adaltm_upstream.plotting import read_lambdas
 
-PROPOSED, SER_ONLY = "dual_layerwise", "setup3_ser_only"
+PROPOSED, SER_ONLY, ASR_ONLY = "dual_layerwise", "setup3_ser_only", "setup2_asr_only"
 SHOWN_ROWS = ("Setup 1: Baseline (frozen backbone)", "Setup 2: ASR-only vector", "Setup 3: SER-only vector",
               "Setup 4: Dual-vector (proposed)", "Adaptive global merging")
 
@@ -29,31 +29,29 @@ def condition_record(demo: Path) -> dict:
     runs = demo / "runs"
     dual = results.load_run(runs / PROPOSED, "test", "dual (proposed)")
     ser = results.load_run(runs / SER_ONLY, "test", "SER-only")
+    asr = results.load_run(runs / ASR_ONLY, "test", "ASR-only")
     paired = {metric: {"dual": d.a, "ser_only": d.b, "difference": d.difference, "ci95": d.interval,
                        "significant": d.significant}
               for metric, d in results.compare_runs(dual, ser, resamples=1000).items()}
     settings = json.loads((demo / "demo.json").read_text())
+    plan = {u.name: u for u in plan_corpus(FULL.corpus, settings["seed"], condition=settings["corpus"])}
     tasks, lambdas, _ = read_lambdas(runs / PROPOSED)
     return {"directory": str(demo), "rows": json.loads((demo / "results.json").read_text()),
             "dual_minus_ser_only": paired,
             "proposed_lambdas": {task: [row[t] for row in lambdas] for t, task in enumerate(tasks)},
-            "accuracy_by_cue": {label: by_cue(runs / run, settings) for label, run in
-                                (("dual", PROPOSED), ("ser_only", SER_ONLY), ("asr_only", "setup2_asr_only"))}}
+            "accuracy_by_cue": {label: by_cue(run.predictions, plan)
+                                for label, run in (("dual", dual), ("ser_only", ser), ("asr_only", asr))}}
 
 
-def by_cue(run: Path, settings: dict) -> dict:
+def by_cue(predictions: results.Predictions, plan: dict[str, Utterance]) -> dict:
     """Test1 accuracy per cue the utterance carries: its class's word (lexical condition) or not, its class's
     prosody or another class's. Where the prosody misleads, only the words can lift accuracy above 1/8."""
-    plan = {u.name: u for u in plan_corpus(FULL.corpus, settings["seed"], condition=settings["corpus"])}
     counts: dict[str, list[int]] = {}
-    lines = (run / "test_predictions.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    for line in lines[1:]:
-        row = dict(zip(header, line.split("\t")))
-        u = plan[row["file"]]
+    for name, label, predicted in zip(predictions.files, predictions.labels, predictions.predicted):
+        u = plan[name]
         key = f"{'word' if u.emotion_word else 'no word'}, {'own' if u.prosody_of == u.code else 'other'} prosody"
         hits = counts.setdefault(key, [0, 0])
-        hits[0] += row["pred"] == row["label"]
+        hits[0] += int(label == predicted)
         hits[1] += 1
     return {key: {"accuracy": hit / n, "n": n} for key, (hit, n) in sorted(counts.items())}
 
