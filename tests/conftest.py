@@ -168,8 +168,8 @@ def build_merge(base, vectors, groups, granularity, init, frozen_groups=frozense
 
 @pytest.fixture(autouse=True)
 def _torch_modes_restored():
-    """A test that leaves autograd off (s3prl's runner evaluates under `torch.set_grad_enabled(False)`) would fail
-    every later gradient test far from its cause: fail it here instead."""
+    """A test that leaves autograd off (once: a failed `adaltm export`, whose generator was suspended inside
+    `torch.no_grad()`) would fail every later gradient test far from its cause: fail it here instead."""
     yield
     leaked = not torch.is_grad_enabled()
     torch.set_grad_enabled(True)
