@@ -39,21 +39,35 @@ def key(where: str, name: str) -> str:
     return f"{where}{name}" if not where or where.endswith(": ") else f"{where}.{name}"
 
 
+_SHAPES = {dict: dict, list: (list, tuple)}
+
+
+def _describe(annotation: Any) -> str:
+    """How an error spells what `annotation` accepts."""
+    origin = typing.get_origin(annotation) or annotation
+    if origin is Literal:
+        return " or ".join(map(repr, typing.get_args(annotation)))
+    return _SCALARS[origin][0] if origin in _SCALARS else {dict: "a mapping", list: "a list"}.get(origin, str(origin))
+
+
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        errors = {}
+        for option in [option for option in options if option is not type(None)]:
             try:
                 return _coerce(where, value, option)
             except SettingsError as error:
-                errors.append(str(error))
-        raise SettingsError(errors[0])
+                errors[option] = error
+        # one option, or a value of an option's shape (a mapping for a mapping): that option's error, which names
+        # the entry at fault; otherwise every accepted spelling
+        for option, error in errors.items():
+            if len(errors) == 1 or isinstance(value, _SHAPES.get(typing.get_origin(option) or option, ())):
+                raise error
+        raise SettingsError(f"{where}: expected {' or '.join(map(_describe, errors))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:

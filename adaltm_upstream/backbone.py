@@ -17,6 +17,10 @@ Attention (`attention=`): `eager` is transformers' own layer; `sdpa` and `flex` 
 `flex` through FlexAttention with the bias computed inside the kernel (`score_mod`) from a (B, H, T) gate and an
 (H, 2T−1) table, and the padding as a block mask — nothing of size T² is built. `compile_encoder()` compiles
 everything after the padding with dynamic shapes: one graph for every batch size and length.
+
+Length groups (`length_groups=k`): the batch is sorted by length and run as k sub-batches, whose states are padded
+back into the batch's order. Since an utterance's states do not depend on its batch, only the compute on padding
+changes (and the rounding of differently shaped products); the batch the downstream sees is the same.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from adaltm_upstream.checkpoints import Checkpoint
 
 HiddenStates = Literal["all", "transformer"]
 Attention = Literal["eager", "sdpa", "flex"]
+LengthGroups = int | Literal["auto"]
 FLEX_BLOCK = 128  # FlexAttention's default block of queries and keys
+AUTO_GROUP_SIZE_CPU = 8  # `length_groups: auto` on the CPU: sub-batches of about 8 utterances (README, speed)
 
 
 @dataclass
@@ -160,8 +166,11 @@ def model_on(config: WavLMConfig, weights: Mapping[str, torch.Tensor]) -> WavLMM
 
 class WavLMBackbone(nn.Module):
     def __init__(self, config: WavLMConfig, normalize: bool, hidden_states: HiddenStates = "all",
-                 attention: Attention = "sdpa", weights: Mapping[str, torch.Tensor] | None = None):
-        """`weights` (canonical names) become the parameters; without them the model is randomly initialised."""
+                 attention: Attention = "sdpa", weights: Mapping[str, torch.Tensor] | None = None,
+                 length_groups: LengthGroups = 1):
+        """`weights` (canonical names) become the parameters; without them the model is randomly initialised.
+        `length_groups`: sub-batches of similar length per forward (`auto`: one per 8 utterances on the CPU, 1
+        elsewhere)."""
         super().__init__()
         config.apply_spec_augment = False
         config.layerdrop = 0.0
@@ -169,12 +178,14 @@ class WavLMBackbone(nn.Module):
         self.normalize = normalize
         self.hidden_states = hidden_states
         self.attention = attention
+        self.length_groups = length_groups
         self._compiled = None
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, hidden_states: HiddenStates = "all",
-                        attention: Attention = "sdpa") -> WavLMBackbone:
-        return cls(ckpt.config, ckpt.normalize, hidden_states, attention, weights=ckpt.state)
+                        attention: Attention = "sdpa", length_groups: LengthGroups = 1) -> WavLMBackbone:
+        return cls(ckpt.config, ckpt.normalize, hidden_states, attention, weights=ckpt.state,
+                   length_groups=length_groups)
 
     @property
     def config(self) -> WavLMConfig:
@@ -196,6 +207,22 @@ class WavLMBackbone(nn.Module):
                 params: dict[str, torch.Tensor] | None = None) -> BackboneOutput:
         if isinstance(wavs, Padded):  # called back by functional_call in _encode_eagerly, weights swapped in
             return self._states(wavs)
+        groups = self.groups([len(w) for w in wavs], wavs[0].device)
+        if len(groups) == 1:
+            return self._encode(wavs, params)
+        outputs = [self._encode([wavs[i] for i in group], params) for group in groups]
+        return _reassemble(outputs, groups)
+
+    def groups(self, lengths: list[int], device: torch.device) -> list[list[int]]:
+        """Indices of each sub-batch: the batch sorted by length, cut into `length_groups` runs of equal count."""
+        count = self.length_groups
+        if count == "auto":
+            count = -(-len(lengths) // AUTO_GROUP_SIZE_CPU) if device.type == "cpu" else 1
+        count = max(1, min(count, len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return [order[g * len(order) // count:(g + 1) * len(order) // count] for g in range(count)]
+
+    def _encode(self, wavs: list[torch.Tensor], params: dict[str, torch.Tensor] | None) -> BackboneOutput:
         batch = self.pad(wavs)
         if self._compiled is None or len(wavs) == 1:
             return self._encode_eagerly(batch, params)
@@ -228,7 +255,13 @@ class WavLMBackbone(nn.Module):
             valid = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < out[:, None]
             hidden = first.activation(masked_group_norm(hidden, valid, first.layer_norm))
         for layer in layers:
-            hidden = layer(hidden)
+            if self.config.feat_extract_norm == "layer":
+                # transformers' `WavLMLayerNormConvLayer`; under autograd GELU gets a contiguous copy of the
+                # transposed view it is given there: on that view its backward is strided, about 4x slower on the CPU
+                normed = layer.layer_norm(layer.conv(hidden).transpose(-2, -1)).transpose(-2, -1)
+                hidden = layer.activation(normed.contiguous() if torch.is_grad_enabled() else normed)
+            else:
+                hidden = layer(hidden)
         return hidden.transpose(1, 2)
 
     def _states(self, batch: Padded) -> BackboneOutput:
@@ -279,6 +312,20 @@ class WavLMBackbone(nn.Module):
             return hidden + layer.feed_forward(layer.final_layer_norm(hidden))
         hidden = layer.layer_norm(hidden + layer.dropout(attend(layer.attention, hidden)))
         return layer.final_layer_norm(hidden + layer.feed_forward(hidden))
+
+
+def _reassemble(outputs: list[BackboneOutput], groups: list[list[int]]) -> BackboneOutput:
+    """The sub-batches' outputs as one batch in the original order, each state zero-padded to the longest."""
+    frames = max(out.hidden_states[0].shape[1] for out in outputs)
+    inverse = torch.argsort(torch.tensor([i for group in groups for i in group]))
+    inverse = inverse.to(outputs[0].frame_lengths.device)
+
+    def gather(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors)[inverse]
+
+    states = [gather([F.pad(out.hidden_states[layer], (0, 0, 0, frames - out.hidden_states[layer].shape[1]))
+                      for out in outputs]) for layer in range(len(outputs[0].hidden_states))]
+    return BackboneOutput(states, gather([out.frame_lengths for out in outputs]))
 
 
 def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:

@@ -52,6 +52,9 @@ class SpeedConfig:
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
     # torch.compile of the backbone after padding, shapes dynamic: a few graphs per run, not one per length
     compile: bool = False
+    # Run each batch as this many sub-batches of similar length (less compute on padding; the states are padded
+    # back, so the downstream sees the same batch). auto: one per 8 utterances on the CPU, 1 on a GPU.
+    length_groups: int | Literal["auto"] = field(default="auto", metadata={"min": 1})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ The MTL baseline "static init", whose merged weights train themselves, is its ow
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -43,10 +44,13 @@ class WavLMUpstream(nn.Module):
         self.tasks = config.tasks
         self.fingerprint = fingerprint
 
-    def _set_backbone(self, backbone: WavLMBackbone) -> None:
-        self.backbone = backbone
-        if self.config.speed.compile:
-            backbone.compile_encoder()
+    def _set_backbone(self, base: Checkpoint, weights: Mapping[str, torch.Tensor]) -> None:
+        """The backbone of `base`'s architecture on `weights`, as the config's `hidden_states` and `speed` say."""
+        speed = self.config.speed
+        self.backbone = WavLMBackbone(base.config, base.normalize, self.config.hidden_states,
+                                      attention=speed.attention, weights=weights, length_groups=speed.length_groups)
+        if speed.compile:
+            self.backbone.compile_encoder()
 
     # -- s3prl's upstream interface -------------------------------------------------------------------------
     def get_downsample_rates(self, key: str) -> int:
@@ -78,9 +82,7 @@ class AdaLTMUpstream(WavLMUpstream):
         merge = GroupedMerge(sources.base.state, sources.pipeline(), sources.groups,
                              sources.table(frozenset({0}) if config.speed.freeze_group0 else frozenset()),
                              sources.init, config.merge.constraints, sources.vector_dtype)
-        base = sources.base
-        self._set_backbone(WavLMBackbone(base.config, base.normalize, config.hidden_states,
-                                         attention=config.speed.attention, weights=merge.base_views()))
+        self._set_backbone(sources.base, merge.base_views())
         self.backbone.requires_grad_(False)
         self.merge = merge  # after the backbone: optimizer states of resumed runs address parameters by position
         self.backbone.register_state_dict_post_hook(_drop_frozen_backbone)

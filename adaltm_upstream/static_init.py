@@ -16,7 +16,6 @@ import torch
 
 from adaltm_core.errors import UserError
 from adaltm_upstream import sources as merge_sources
-from adaltm_upstream.backbone import WavLMBackbone
 from adaltm_upstream.checkpoints import Checkpoint, load_checkpoint
 from adaltm_upstream.config import UpstreamConfig
 from adaltm_upstream.expert import WavLMUpstream
@@ -43,8 +42,7 @@ class MergedWeightsUpstream(WavLMUpstream):
                  vectors: list[TaskVector] | None = None):
         sources = merge_sources.load(config, base, vectors)
         super().__init__(config, sources.fingerprint)
-        self._set_backbone(WavLMBackbone(sources.base.config, sources.base.normalize, config.hidden_states,
-                                         attention=config.speed.attention, weights=initial_weights(sources)))
+        self._set_backbone(sources.base, initial_weights(sources))
         self.backbone.requires_grad_(True)
         self.register_load_state_dict_pre_hook(_drop_earlier_merge_state)
 

@@ -14,16 +14,23 @@ BASE_LIKE = dict(extractor_mode="default", layer_norm_first=False, normalize=Fal
 
 @pytest.mark.parametrize("overrides", [{}, BASE_LIKE], ids=["large-like", "base-like"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "flex"])
-def test_padded_batch_equals_s3prl_wavlm_per_utterance(tmp_path, overrides, attention):
+@pytest.mark.parametrize("groups", [1, 3], ids=["one-batch", "length-groups"])
+@pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
+def test_padded_batch_equals_s3prl_wavlm_per_utterance(tmp_path, overrides, attention, groups, autograd):
+    """Under autograd too: the CNN then takes a path of its own (GELU on a contiguous copy)."""
     from s3prl.upstream.wavlm.expert import UpstreamExpert
 
     path = write_unilm_checkpoint(tmp_path / "tiny.pt", seed=3, **overrides)
     reference = UpstreamExpert(str(path)).eval()
-    backbone = WavLMBackbone.from_checkpoint(load_checkpoint(path), attention=attention).eval()
+    backbone = WavLMBackbone.from_checkpoint(load_checkpoint(path), attention=attention,
+                                             length_groups=groups).eval()
     torch.manual_seed(0)
     wavs = [torch.randn(n) * 0.3 for n in (16000, 9000, 12345, 4000)]
-    with torch.no_grad():
+    if attention == "flex" and autograd:
+        pytest.skip("FlexAttention has no CPU backward")
+    with torch.set_grad_enabled(autograd):
         out = backbone(wavs)
+    with torch.no_grad():
         assert len(out.hidden_states) == 3  # 2 layers: 2 layer inputs + the encoder output
         for i, wav in enumerate(wavs):
             alone = reference([wav])["hidden_states"]

@@ -1,5 +1,5 @@
 """Every fast path agrees with the reference path: SDPA and FlexAttention vs eager attention, bf16 task vectors, a
-frozen group 0, torch.compile; and the benchmark runs on the CPU."""
+frozen group 0, length groups, torch.compile; and the benchmark runs on the CPU."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ WAVS = [torch.randn(9000, generator=torch.Generator().manual_seed(1)) * 0.3,
 
 
 def build(setup, **speed):
+    """The upstream on the whole batch at once (`length_groups: 1`) unless `speed` says otherwise."""
     return adaltm_wavlm(model_config={"base": str(setup["base"]),
                                       "task_vectors": {"asr": str(setup["asr"]), "ser": str(setup["ser"])},
-                                      "speed": speed}).train()
+                                      "speed": {"length_groups": 1, **speed}}).train()
 
 
 def states_and_grad(upstream):
@@ -59,6 +60,28 @@ def test_frozen_group0_keeps_the_other_gradients(merge_setup, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, reference[1][1:], rtol=1e-4, atol=1e-7)  # groups 1..L only
     assert upstream.lambdas()[0].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_length_groups_give_the_whole_batchs_states_and_gradient(merge_setup, groups):
+    """Sub-batches sorted by length, padded back into the batch's order: the states and λ's gradient of the batch
+    run at once. Four utterances whose order is not their length order, so a wrong reassembly shows."""
+    wavs = [torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.3 for n in (12000, 5000, 16000, 9000)]
+
+    def run(upstream):
+        states = upstream(wavs)["hidden_states"]
+        sum(h.pow(2).mean() for h in states).backward()
+        return states, upstream.merge.coefficients.grad
+
+    grouped = build(merge_setup, length_groups=groups)
+    assert [len(g) for g in grouped.backbone.groups([len(w) for w in wavs], torch.device("cpu"))] == (
+        [2, 2] if groups == 2 else [1, 1, 1, 1])
+    assert len(build(merge_setup, length_groups="auto").backbone.groups([1] * 17, torch.device("cpu"))) == 3
+    (states, grad), (whole, whole_grad) = run(grouped), run(build(merge_setup))
+    assert [s.shape for s in states] == [s.shape for s in whole]
+    for a, b in zip(states, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_compiled_backbone_matches(merge_setup, reference):
