@@ -12,7 +12,8 @@ step and every batch the data loader hands over. Variants are named `<upstream>_
   adaltm_<p>            -u adaltm_wavlm -g dual_layerwise (base + ASR + SER vectors, λ per layer group)
   s3prl_finetune_<p>    -u wavlm_local -k <the same base> -f (s3prl's stock WavLM fine-tuned)
   p: bf16 | fp16 | fp32 (runner.precision); options: compile (speed.compile), flex (speed.attention: flex),
-     freeze0 (speed.freeze_group0: no backward through the CNN)
+     freeze0 (speed.freeze_group0: no backward through the CNN), whole (speed.length_groups: 1, the batch run at
+     once, which is what `auto` does on a GPU; on the CPU `auto` runs sub-batches of about 8 utterances)
 
 Per variant: ms_per_step (mean over the measured steps, data-loader waits included) and its median, the process's
 CPU time per step (all its threads; on a shared CPU it moves far less with the neighbours' load than wall time), audio
@@ -59,7 +60,8 @@ from adaltm_recipes.demo_corpus import LONG_NAMES, write_labels  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CLASS_CODES = list(LONG_NAMES)
-OPTIONS = {"compile": {"compile": True}, "flex": {"attention": "flex"}, "freeze0": {"freeze_group0": True}}
+OPTIONS = {"compile": {"compile": True}, "flex": {"attention": "flex"}, "freeze0": {"freeze_group0": True},
+           "whole": {"length_groups": 1}}
 PRECISIONS = ("bf16", "fp16", "fp32")
 # microsoft's unilm configs (WavLM-Large / WavLM-Base as released: CNN norm, pre- or post-LN, normalisation).
 COMMON = dict(conv_bias=False, relative_position_embedding=True, num_buckets=320, max_distance=800, gru_rel_pos=True)
@@ -145,7 +147,7 @@ def parse_variant(name: str) -> tuple[str, str, list[str]]:
             precision, *options = name[len(kind) + 1:].split("_")
             if precision in PRECISIONS and all(o in OPTIONS for o in options) and not (kind != "adaltm" and options):
                 return kind, precision, options
-    raise SystemExit(f"--variants: {name!r} is not adaltm_<bf16|fp16|fp32>[_compile][_flex][_freeze0] or "
+    raise SystemExit(f"--variants: {name!r} is not adaltm_<bf16|fp16|fp32>[_compile][_flex][_freeze0][_whole] or "
                      "s3prl_finetune_<bf16|fp16|fp32>")
 
 
@@ -279,7 +281,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (= --geometry tiny)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES))
     parser.add_argument("--variants", help="comma-separated (default: every precision, compile, flex, freeze0 and "
-                                           "the stock run on a GPU; fp32, bf16, freeze0 and stock on a CPU, where "
+                                           "the stock run on a GPU; fp32, bf16, freeze0, whole and stock on a CPU, where "
                                            "adaltm_fp32_compile compiles for 10 minutes on 2 shared cores)")
     parser.add_argument("--batch", type=int, help="utterances per step (default 32; tiny 8)")
     parser.add_argument("--warmup", type=int, help="steps before measuring (default 5; tiny 3)")
@@ -317,7 +319,7 @@ def main() -> None:
         names = ["adaltm_bf16", "s3prl_finetune_bf16", "adaltm_fp32", "adaltm_fp16", "adaltm_bf16_freeze0",
                  "adaltm_bf16_flex", "adaltm_bf16_compile"]
     else:
-        names = ["adaltm_fp32", "s3prl_finetune_fp32", "adaltm_bf16", "adaltm_fp32_freeze0"]
+        names = ["adaltm_fp32", "s3prl_finetune_fp32", "adaltm_bf16", "adaltm_fp32_freeze0", "adaltm_fp32_whole"]
     variants = {name: parse_variant(name) for name in names}
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="launcher-step-"))
