@@ -50,9 +50,6 @@ class Row:
     downstream: str = "msp_podcast_cat"
     fusion: str = "paper"                 # harmonifuse only: `fusion.variant`
     merge: tuple[tuple[str, object], ...] = ()   # replaces these keys of the setup's `merge` (e.g. granularity)
-    # scored on Test1 with the SER model's frozen featurizer and head, nothing trained (how merging benchmarks score
-    # a static merge: FusionBench evaluates each merged model with the fine-tuned models' own heads)
-    frozen_head: bool = False
 
     @property
     def wer(self) -> bool:
@@ -73,25 +70,23 @@ ROWS = (
     Row("Adaptive layer-wise merging (ours)", "dual_layerwise", "dual_layerwise"),
     Row("HarmoniFuse (fine-tuned backbone, paper fusion)", "harmonifuse", "mtl_from_base", "harmonifuse"),
 )
-# Methods the paper does not compare (issues 15, 16 and 27), below Table 1; task arithmetic is the grid-search stage.
-# The static-λ rows are scored like task arithmetic, with the SER model's frozen head (`frozen_head`); the rows with
-# learned λ train λ and a head as Table 1's rows do (EMR and TSV-Merge from their method's own λ = 1, where each
-# task keeps a share of its own).
-FROZEN = "static λ = 0.5, SER model's frozen head"
+# Methods the paper does not compare (issues 15 and 16), below Table 1; task arithmetic is the grid-search stage.
 EXTRA_ROWS = (
-    Row(f"TIES-merging (top 20 %, {FROZEN})", "dual_ties", "dual_ties", frozen_head=True),
-    Row(f"DARE (p = 0.5, {FROZEN})", "dual_dare", "dual_dare", frozen_head=True),
-    Row(f"TIES over the whole model (FusionBench's: top 20 %, disjoint sum, {FROZEN})", "ties_fusionbench",
-        "dual_ties_fusionbench", merge=(("init", 0.5),), frozen_head=True),
-    Row(f"EMR-merging for SER ({FROZEN})", "emr_static", "dual_emr", merge=(("init", 0.5),), frozen_head=True),
+    Row("TIES-merging (top 20 %, static λ = 0.5)", "dual_ties", "dual_ties"),
+    Row("DARE (p = 0.5, static λ = 0.5)", "dual_dare", "dual_dare"),
+    # issue 27: the methods the field compares against, at λ = 0.5 like the rows above, and with λ learned per layer
+    # from the method's own λ = 1 where each task keeps a share of its own (EMR, TSV-Merge)
+    Row("TIES over the whole model (FusionBench's: top 20 %, disjoint sum, static λ = 0.5)", "ties_fusionbench",
+        "dual_ties_fusionbench", merge=(("init", 0.5),)),
+    Row("EMR-merging for SER (static λ = 0.5)", "emr_static", "dual_emr", merge=(("init", 0.5),)),
     Row("EMR-merging for SER (layer-wise λ from 1)", "emr_layerwise", "dual_emr",
         merge=(("granularity", "layerwise"),)),
-    Row(f"Localize-and-Stitch, dataless (top 10 %, {FROZEN})", "localize_stitch", "dual_localize_stitch",
-        merge=(("init", 0.5),), frozen_head=True),
-    Row(f"TSV-Merge ({FROZEN})", "tsv_static", "dual_tsv", merge=(("init", 0.5),), frozen_head=True),
+    Row("Localize-and-Stitch, dataless (top 10 %, static λ = 0.5)", "localize_stitch", "dual_localize_stitch",
+        merge=(("init", 0.5),)),
+    Row("TSV-Merge (static λ = 0.5)", "tsv_static", "dual_tsv", merge=(("init", 0.5),)),
     Row("TSV-Merge (layer-wise λ from 1)", "tsv_layerwise", "dual_tsv", merge=(("granularity", "layerwise"),)),
-    Row(f"Iso-C ({FROZEN})", "iso_c", "dual_iso_c", merge=(("init", 0.5),), frozen_head=True),
-    Row(f"Iso-CTS ({FROZEN})", "iso_cts", "dual_iso_cts", merge=(("init", 0.5),), frozen_head=True),
+    Row("Iso-C (static λ = 0.5)", "iso_c", "dual_iso_c", merge=(("init", 0.5),)),
+    Row("Iso-CTS (static λ = 0.5)", "iso_cts", "dual_iso_cts", merge=(("init", 0.5),)),
     Row("AdaMerging, label-free (tensorwise λ, SER model's frozen head)", "adamerging", "dual_adamerging",
         "msp_podcast_adamerging"),
     Row("HarmoniFuse (fine-tuned backbone, extended fusion: ours)", "harmonifuse_extended", "mtl_from_base",

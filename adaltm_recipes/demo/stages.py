@@ -164,17 +164,12 @@ class Demo:
 
     def row_steps(self, row: Row) -> int:
         # HarmoniFuse alternates ASR and SER batches: twice the steps gives each task as many as the others get
-        if row.frozen_head:
-            return 0
         return self.size.rows_steps * (2 if row.downstream == "harmonifuse" else 1)
 
     def uses_vectors(self, row: Row) -> bool:
         return bool(yaml.safe_load((UPSTREAM_CONFIGS / f"{row.setup}.yaml").read_text()).get("task_vectors"))
 
     def run_row(self, row: Row) -> None:
-        if row.frozen_head:
-            self._score_with_ser_head(row)
-            return
         datarc = {"root": str(self.corpus), "require_transcript": row.wer}
         extra = dict(ASR_HEAD) if row.wer else {}
         if row.downstream == "msp_podcast_adamerging":
@@ -188,20 +183,6 @@ class Demo:
         config = self._config(row.run, row.downstream, self.row_steps(row), datarc, **extra)
         self._train_and_test(row.run, ["-u", "adaltm_wavlm", "-g", str(self._upstream(row.setup, row))],
                              row.downstream, config)
-
-    def _score_with_ser_head(self, row: Row) -> None:
-        """A static merge evaluated on Test1 with the SER model's featurizer and head, as task arithmetic's λ* is
-        (`grid_search.evaluate_at`: the same evaluation, at the row's λ); skipped when its test metrics exist."""
-        from adaltm_recipes.grid_search import evaluate_at, head_states
-
-        expdir = self.out / "runs" / row.run
-        if (expdir / "test_metrics.json").exists():
-            return
-        expdir.mkdir(parents=True, exist_ok=True)
-        upstream = self._upstream(row.setup, row)
-        args, head_config, init = head_states(self.head, expdir)
-        evaluate_at(float(yaml.safe_load(upstream.read_text())["merge"]["init"]), upstream, args, head_config, init,
-                    "test", expdir, "cpu")
 
     def task_arithmetic(self) -> dict:
         """One global λ for both in-domain vectors, chosen on dev by loss with the SER model's frozen featurizer
