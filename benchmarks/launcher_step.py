@@ -281,8 +281,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (= --geometry tiny)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES))
     parser.add_argument("--variants", help="comma-separated (default: every precision, compile, flex, freeze0 and "
-                                           "the stock run on a GPU; fp32, bf16, freeze0, whole and stock on a CPU, where "
-                                           "adaltm_fp32_compile compiles for 10 minutes on 2 shared cores)")
+                                           "the stock run on a GPU; fp32, bf16, freeze0, whole and stock on a CPU, "
+                                           "where adaltm_fp32_compile compiles for 10 minutes on 2 shared cores)")
     parser.add_argument("--batch", type=int, help="utterances per step (default 32; tiny 8)")
     parser.add_argument("--warmup", type=int, help="steps before measuring (default 5; tiny 3)")
     parser.add_argument("--steps", type=int, help="measured steps (default 20; tiny 6)")
