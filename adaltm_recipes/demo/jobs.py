@@ -105,6 +105,11 @@ class JobPool:
         if self.pool is None:
             return
         if error is not None:   # the pool then finds its workers dead, fails what is left and reaps them
-            for worker in set(multiprocessing.active_children()) - self.others:
+            workers = set(multiprocessing.active_children()) - self.others
+            for worker in workers:
                 worker.terminate()
+            for worker in workers:   # dead before the pool looks: SIGKILL for one that outlives SIGTERM by 5 s
+                worker.join(5)
+                if worker.is_alive():
+                    worker.kill()
         self.pool.shutdown(wait=True, cancel_futures=True)
