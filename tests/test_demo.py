@@ -224,7 +224,11 @@ def _live_group_members(group: int) -> list[int]:
 def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
     """Ctrl-C signals the whole process group: workers still importing torch must not print tracebacks."""
     script = textwrap.dedent("""
+        import signal
         import sys
+        # as a shell starts it: a test run earlier in this pytest worker may leave SIGINT ignored, which a child
+        # inherits (the test then hung: no KeyboardInterrupt ever came)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from tqdm import tqdm
         from adaltm_recipes.demo.jobs import JobPool
         from tests.test_demo import LOGS, sleep
