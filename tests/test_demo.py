@@ -224,11 +224,13 @@ def _live_group_members(group: int) -> list[int]:
 def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
     """Ctrl-C signals the whole process group: workers still importing torch must not print tracebacks."""
     script = textwrap.dedent("""
+        import faulthandler
         import signal
         import sys
         # as a shell starts it: a test run earlier in this pytest worker may leave SIGINT ignored, which a child
         # inherits (the test then hung: no KeyboardInterrupt ever came)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)   # where it waits, should it hang
         from tqdm import tqdm
         from adaltm_recipes.demo.jobs import JobPool
         from tests.test_demo import LOGS, sleep
@@ -249,7 +251,13 @@ def test_ctrl_c_reaches_only_the_demo_which_stops_its_workers():
     os.killpg(child.pid, signal.SIGINT)
     # a worker that outlived the demo would hold the output pipes open for its 600 s; a loaded machine (two test
     # workers beside this one) needed more than 60 s for an orderly stop twice in fresh-clone runs
-    _, err = child.communicate(timeout=180)
+    try:
+        _, err = child.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(child.pid, signal.SIGKILL)
+        pytest.fail(f"the demo did not stop within 180 s of Ctrl-C; its threads:\n{child.communicate()[1][-6000:]}")
     assert child.returncode == 130 and err == "interrupted\n"
     deadline = time.monotonic() + 10                    # multiprocessing's resource tracker goes on its own
     while _live_group_members(child.pid) and time.monotonic() < deadline:
