@@ -82,7 +82,12 @@ class JobPool:
             raise self._died([*self.running.values(), label]) from None
 
     def finished(self) -> tuple[str, object]:
-        future = next(iter(wait(self.running, return_when=FIRST_COMPLETED).done))
+        # in slices: the kernel may hand a Ctrl-C to one of the pool's threads, and Python then raises it in the
+        # main thread only when that wakes; an endless wait would never see it
+        done: set[Future] = set()
+        while not done:
+            done = wait(self.running, timeout=1.0, return_when=FIRST_COMPLETED).done
+        future = next(iter(done))
         try:
             value = future.result()
         except BrokenProcessPool:
