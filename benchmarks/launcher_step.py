@@ -324,6 +324,8 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="launcher-step-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if not args.workdir:  # a Large-geometry base and its vectors are gigabytes: not left in /tmp
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     print(f"[launcher_step] {device_name(device)}, {geometry} geometry, batch {batch}, {warmup}+{steps} steps: "
           f"writing the corpus and models in {workdir}", file=sys.stderr, flush=True)
     corpus = write_corpus(workdir / "MSP-Podcast", train=batch * (warmup + steps + 1))
