@@ -39,7 +39,8 @@ def key(where: str, name: str) -> str:
     return f"{where}{name}" if not where or where.endswith(": ") else f"{where}.{name}"
 
 
-_SHAPES = {dict: dict, list: (list, tuple)}
+# containers: how an error names one, and the Python values that are one
+_CONTAINERS = {dict: ("a mapping", dict), list: ("a list", (list, tuple))}
 
 
 def _describe(annotation: Any) -> str:
@@ -47,7 +48,8 @@ def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation) or annotation
     if origin is Literal:
         return " or ".join(map(repr, typing.get_args(annotation)))
-    return _SCALARS[origin][0] if origin in _SCALARS else {dict: "a mapping", list: "a list"}.get(origin, str(origin))
+    known = _SCALARS.get(origin) or _CONTAINERS.get(origin)
+    return known[0] if known else str(origin)
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
@@ -65,7 +67,8 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         # one option, or a value of an option's shape (a mapping for a mapping): that option's error, which names
         # the entry at fault; otherwise every accepted spelling
         for option, error in errors.items():
-            if len(errors) == 1 or isinstance(value, _SHAPES.get(typing.get_origin(option) or option, ())):
+            shape = _CONTAINERS.get(typing.get_origin(option) or option)
+            if len(errors) == 1 or (shape and isinstance(value, shape[1])):
                 raise error
         raise SettingsError(f"{where}: expected {' or '.join(map(_describe, errors))}, got {value!r}")
     if origin is Literal:
@@ -73,16 +76,16 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if value not in choices:
             raise SettingsError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
+    if (origin or annotation) in _CONTAINERS:
+        expected, shape = _CONTAINERS[origin or annotation]
+        if not isinstance(value, shape):
+            raise SettingsError(f"{where}: expected {expected}, got {value!r}")
     if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise SettingsError(f"{where}: expected a mapping, got {value!r}")
         args = typing.get_args(annotation)
         if not args:
             return dict(value)
         return {_coerce(where, k, args[0]): _coerce(key(where, str(k)), v, args[1]) for k, v in value.items()}
     if origin is list or annotation is list:
-        if not isinstance(value, (list, tuple)):
-            raise SettingsError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
         return [_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
     if dataclasses.is_dataclass(annotation):
